@@ -1,0 +1,74 @@
+"""Engine settings: one validated dataclass shared by Triton parameters, the CLI and tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+POLICIES = ("fused", "window", "solo")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """What model to serve and how the single inference loop schedules it."""
+
+    model: str = "builtin:small"
+    max_num_seqs: int = 32
+    max_model_len: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    policy: str = "fused"
+    window_ms: float = 100.0
+    max_batch: int = 0  # window policy: batch size that closes the window early; 0 means max_num_seqs
+    compaction: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    seed: int = 0  # seed for requests that ask for sampling without their own seed
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.window_ms < 0:
+            raise ValueError(f"window_ms must be >= 0, got {self.window_ms}")
+        if not 0 <= self.max_batch <= self.max_num_seqs:
+            raise ValueError(f"max_batch must be in [0, max_num_seqs={self.max_num_seqs}], got {self.max_batch}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def batch_limit(self) -> int:
+        """How many requests the window policy admits into one batch."""
+        return self.max_batch or self.max_num_seqs
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineConfig:
+        """Build from string or typed values (Triton parameters, CLI); unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}; known: {sorted(fields)}")
+        return cls(**{name: _coerce(name, fields[name].type, value) for name, value in values.items()})
+
+
+def _coerce(name: str, type_name: str, value: Any) -> Any:
+    """Turn a Triton string parameter into the field's type, naming the field on failure."""
+    if not isinstance(value, str) or type_name == "str":
+        return value
+    try:
+        if type_name == "bool":
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
+        return {"int": int, "float": float}[type_name](value)
+    except ValueError:
+        raise ValueError(f"engine setting {name!r} must be a {type_name}, got {value!r}") from None

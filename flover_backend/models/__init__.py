@@ -1,0 +1,50 @@
+"""Model families behind one interface, and the table that picks one from an HF `architectures` name."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from flover_backend.layers.attention import ForwardBatch
+from flover_backend.models.gpt2 import GPT2
+from flover_backend.models.llama import Llama
+
+
+class ModelConfig(Protocol):
+    """What the engine reads off any model's config (to size the arena and stop on eos)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_id: int | list[int] | None
+    bos_token_id: int | None
+
+
+class CausalLM(Protocol):
+    """A decoder-only LM that keeps its keys and values in the arena `kv`.
+
+    `kv` is (num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim); layer i reads and
+    writes `kv[i, 0]` (keys) and `kv[i, 1]` (values) through `arena_attention` only.
+    """
+
+    config: ModelConfig
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids at `batch.positions` -> (B, T, hidden) final-normed hidden states."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32 logits (the LM head only)."""
+        ...
+
+
+MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
+    "LlamaForCausalLM": Llama,
+    "MistralForCausalLM": Llama,
+    "GPT2LMHeadModel": GPT2,
+}
+
+__all__ = ["MODEL_REGISTRY", "CausalLM", "GPT2", "Llama", "ModelConfig"]

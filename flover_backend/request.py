@@ -1,0 +1,72 @@
+"""One request's state as it moves through the loop: waiting, running in an arena row, finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from flover_backend.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Where a request is; every finished state sorts after the live ones."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_LENGTH = 2
+    FINISHED_STOP = 3
+    FINISHED_ABORT = 4
+    FINISHED_ERROR = 5
+
+    @property
+    def finished(self) -> bool:
+        """Whether the request has left the loop for good."""
+        return self >= RequestStatus.FINISHED_LENGTH
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style reason reported to clients, None while live."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_STOP: "stop",
+    RequestStatus.FINISHED_ABORT: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt, its settings, and the tokens generated so far."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int = -1  # arena row while running
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Length of the prompt in tokens."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Positions of this request held in its arena row: the prompt plus all but the newest token."""
+        return self.num_prompt_tokens + max(self.num_output_tokens - 1, 0)
+
+    @property
+    def last_token_id(self) -> int:
+        """The newest token, the input of the request's next decode step."""
+        return self.output_token_ids[-1]

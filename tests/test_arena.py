@@ -1,0 +1,80 @@
+"""The arena's invariant under any sequence of admissions, growth, finishes and compactions."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flover_backend.kv_arena import KVArena
+from flover_backend.row_table import RowMove, RowTable
+
+NUM_ROWS, MAX_LEN = 6, 12
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(1, 4)),
+        st.tuples(st.just("grow"), st.integers(0, NUM_ROWS - 1)),
+        st.tuples(st.just("finish"), st.integers(0, NUM_ROWS - 1)),
+        st.tuples(st.just("compact"), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+def fill(arena: KVArena, row: int, start: int, stop: int, value: float) -> None:
+    arena.tensor[:, :, row, :, start:stop] = value
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations, st.booleans())
+def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, compaction):
+    arena = KVArena(num_layers=2, max_num_seqs=NUM_ROWS, num_kv_heads=2, max_model_len=MAX_LEN,
+                    head_dim=3, dtype=torch.float32, device=torch.device("cpu"))
+    table = RowTable(NUM_ROWS, compaction=compaction)
+    reference: dict[str, torch.Tensor] = {}  # req_id -> its KV positions [:length]
+    row_of: dict[str, int] = {}
+    next_id = 0
+    for op, arg in ops:
+        if op == "admit" and table.num_free:
+            req_id, next_id = f"r{next_id}", next_id + 1
+            row = row_of[req_id] = table.allocate(req_id)
+            fill(arena, row, 0, arg, float(next_id))
+            reference[req_id] = arena.tensor[:, :, row, :, :arg].clone()
+        elif op in ("grow", "finish") and row_of:
+            req_id = sorted(row_of)[arg % len(row_of)]
+            row = row_of[req_id]
+            if op == "finish":
+                table.release(row)
+                fill(arena, row, 0, MAX_LEN, float("nan"))  # a freed row's contents are garbage
+                del row_of[req_id], reference[req_id]
+            elif reference[req_id].shape[-2] < MAX_LEN:
+                length = reference[req_id].shape[-2]
+                fill(arena, row, length, length + 1, 1000.0 + length)
+                reference[req_id] = arena.tensor[:, :, row, :, : length + 1].clone()
+        elif op == "compact":
+            moves = table.plan_compaction({req_id: ref.shape[-2] for req_id, ref in reference.items()})
+            copied = arena.apply_moves(moves)
+            assert copied == len(moves) * max((m.length for m in moves), default=0) * arena.bytes_per_position
+            for move in moves:
+                row_of[table.owner(move.dst)] = move.dst
+            if compaction:
+                assert sorted(row_of.values()) == list(range(len(row_of)))
+            else:
+                assert moves == []
+        for req_id, row in row_of.items():
+            assert table.owner(row) == req_id
+            torch.testing.assert_close(arena.tensor[:, :, row, :, : reference[req_id].shape[-2]], reference[req_id])
+
+
+def test_torch_view_shares_memory_with_numpy_storage():
+    arena = KVArena(1, 2, 1, 4, 2, torch.float32, torch.device("cpu"))
+    arena.tensor[0, 1, 1] = 5.0
+    assert np.all(arena.array[0, 1, 1] == 5.0)
+
+
+def test_bfloat16_arena_is_reinterpreted_uint16_storage():
+    arena = KVArena(1, 2, 1, 4, 2, torch.bfloat16, torch.device("cpu"))
+    assert arena.tensor.dtype == torch.bfloat16 and arena.array.dtype == np.uint16
+    arena.tensor[0, 0, 1, 0, 0, 0] = 1.5
+    arena.apply_moves([RowMove(src=1, dst=0, length=1)])
+    assert arena.tensor[0, 0, 0, 0, 0, 0].item() == 1.5
