@@ -142,18 +142,14 @@ class Engine:
     def run_until_idle(self) -> None:
         """Run iterations on the calling thread until every queued request has finished (no loop thread)."""
         assert self._thread is None, "the loop thread is running"
-        self._drain_inbox()
-        while self.scheduler.has_work():
-            if not self.step():
-                time.sleep(self.scheduler.seconds_until_admission(time.monotonic()) or 0.0)
-            self._drain_inbox()
+        while self.step() or self.scheduler.has_work():
+            time.sleep(self.scheduler.seconds_until_admission(time.monotonic()) or 0.0)
 
     # ----- the loop -----
 
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox()
                 if not self.step():
                     wait = self.scheduler.seconds_until_admission(time.monotonic())
                     self._wakeup.wait(timeout=wait)
@@ -165,8 +161,9 @@ class Engine:
                 self._emit(request, [], "")
 
     def step(self) -> bool:
-        """One iteration: schedule at the boundary, run, emit; False when there was nothing to do."""
+        """One iteration: take arrivals and aborts, schedule at the boundary, run, emit; False if idle."""
         started = time.perf_counter()
+        self._drain_inbox()
         out = self.scheduler.schedule(time.monotonic())
         for request in out.aborted:
             self._emit(request, [], "")

@@ -75,9 +75,8 @@ class Conv1D(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))  # filled from the checkpoint
+        self.bias = nn.Parameter(torch.empty(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W + b over the last dimension."""
@@ -139,8 +138,12 @@ class GPT2Transformer(nn.Module):
 
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # Left uninitialised: weights always come from a checkpoint, and Embedding's normal_ init on
+        # the meta device imports torch._dynamo (seconds at startup).
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size,
+                                _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                _weight=torch.empty(config.max_position_embeddings, config.hidden_size))
         self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 

@@ -1,0 +1,125 @@
+"""In-process comparison of the policies on one trace, and the decode step against the machine's floor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from flover_backend.config import EngineConfig
+from flover_backend.engine import Engine, RequestOutput
+from flover_backend.floors import decode_floor, matmul_rate, memory_bandwidth, weight_footprint
+from flover_backend.sampling_params import SamplingParams
+from flover_backend.workload import RequestTiming, TraceRequest, make_trace, summarize
+
+
+def replay(engine: Engine, trace: list[TraceRequest]) -> list[RequestTiming]:
+    """Send each trace request at its arrival time to a running engine; wait for all; return timings."""
+    timings = [RequestTiming(arrival=0.0) for _ in trace]
+    remaining = threading.Semaphore(0)
+
+    def recorder(timing: RequestTiming):
+        def on_output(output: RequestOutput) -> None:
+            now = time.monotonic()
+            timing.token_times.extend([now] * len(output.new_token_ids))
+            if output.finished:
+                timing.end, timing.finish_reason = now, output.finish_reason
+                remaining.release()
+        return on_output
+
+    start = time.monotonic()
+    for item, timing in zip(trace, timings):
+        time.sleep(max(0.0, start + item.arrival_s - time.monotonic()))
+        timing.arrival = time.monotonic()
+        params = SamplingParams(max_tokens=item.max_tokens, ignore_eos=True)
+        engine.add_request(prompt_token_ids=list(item.prompt_token_ids), params=params, on_output=recorder(timing))
+    for _ in trace:
+        remaining.acquire()
+    return timings
+
+
+def decode_step_seconds(engine: Engine, batch_size: int, steps: int = 12) -> float:
+    """Median time of a whole fused iteration (forward, LM head, sampling, emit) with `batch_size` requests decoding."""
+    before = len(engine.stats.iterations)
+    trace = make_trace(batch_size, interval_s=0.0, gen_len=(steps + 2, steps + 2), seed=batch_size)
+    replay(engine, trace)
+    records = list(engine.stats.iterations)[before:]
+    pure = [r.seconds for r in records if r.num_decode == batch_size and r.num_prefill == 0]
+    return statistics.median(pure)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every policy on the same trace, then the decode-step sweep; print and write the results."""
+    trace = make_trace(args.num_requests, interval_s=args.interval_ms / 1000, gen_len=(args.max_tokens,) * 2,
+                       prompt_len=args.prompt_len, seed=args.seed)
+    base = dict(model=args.model, max_num_seqs=max(args.num_requests, max(args.batch_sizes)),
+                max_model_len=args.prompt_len + max(args.max_tokens, 16) + 16, num_threads=args.threads)
+    results: dict = {"settings": vars(args) | {"batch_sizes": args.batch_sizes}, "policies": {}}
+    for policy in args.policies:
+        config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)
+        with Engine(config) as engine:
+            replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=args.prompt_len))  # warm-up
+            summary = summarize(replay(engine, trace))
+            summary["iterations"] = len(engine.stats.iterations)
+            results["policies"][policy] = summary
+            print(f"{policy:>7}: total {summary['total_s']:.2f}s  {summary['tokens_per_s']:.1f} tok/s  "
+                  f"TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f}ms p99 {summary['ttft_p99_s'] * 1e3:.0f}ms", flush=True)
+            if policy == "fused":
+                results["decode_steps"] = _decode_sweep(engine, args.batch_sizes)
+    fused = results["policies"].get("fused")
+    if fused:
+        results["speedup_of_fused"] = {p: s["total_s"] / fused["total_s"] for p, s in results["policies"].items()}
+    _write(results, Path(args.out))
+    return results
+
+
+def _decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
+    weight_bytes, num_params = weight_footprint(engine.runner.model)
+    bandwidth, flops = memory_bandwidth(), matmul_rate()
+    rows = []
+    for batch_size in batch_sizes:
+        step = decode_step_seconds(engine, batch_size)
+        floor = decode_floor(weight_bytes, num_params, batch_size, bandwidth, flops)
+        rows.append({"batch_size": batch_size, "step_s": step, "floor_s": floor, "ratio": step / floor,
+                     "bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9})
+        print(f"decode step at batch {batch_size:>2}: {step * 1e3:.1f} ms (floor {floor * 1e3:.1f} ms, "
+              f"{step / floor:.2f}x)", flush=True)
+    return rows
+
+
+def _write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "inprocess.json").write_text(json.dumps(results, indent=2))
+    lines = ["| policy | total (s) | speedup of fused | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | iterations |",
+             "|---|---|---|---|---|---|---|"]
+    for policy, s in results["policies"].items():
+        speedup = results.get("speedup_of_fused", {}).get(policy, float("nan"))
+        lines.append(f"| {policy} | {s['total_s']:.2f} | {speedup:.2f}x | {s['tokens_per_s']:.1f} | "
+                     f"{s['ttft_p50_s'] * 1e3:.0f} | {s['ttft_p99_s'] * 1e3:.0f} | {s['iterations']} |")
+    if "decode_steps" in results:
+        lines += ["", "| batch | decode step (ms) | floor (ms) | step / floor |", "|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} | {r['step_s'] * 1e3:.1f} | {r['floor_s'] * 1e3:.1f} | {r['ratio']:.2f} |"
+                  for r in results["decode_steps"]]
+        first = results["decode_steps"][0]
+        lines.append(f"\nMeasured here: memory bandwidth {first['bandwidth_gb_s']:.1f} GB/s, "
+                     f"fp32 matmul {first['matmul_gflop_s']:.0f} GFLOP/s.")
+    (out_dir / "inprocess.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / 'inprocess.json'} and {out_dir / 'inprocess.md'}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench` subcommand's options."""
+    parser.add_argument("--model", default="builtin:small")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--interval-ms", type=float, default=50.0)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--window-ms", type=float, default=100.0)
+    parser.add_argument("--policies", nargs="+", default=["fused", "window", "solo"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
