@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 HOST ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup system-deps test lint serve demo generate bench bench-quick bench-inprocess perf clean
+.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf clean
 
 setup: $(STAMP)
 
@@ -14,18 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[serve,test,bench]"
 	touch $(STAMP)
 
-# perf_analyzer (inside the tritonclient wheel) links Debian's libb64; root on these machines can apt-get it.
-system-deps:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; }
-
-test: setup system-deps
+test: setup
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check flover_backend clients tests model_repository benchmarks
 
 serve: setup
-	$(PY) -m flover_backend serve --host $(HOST)
+	$(PY) -m flover_backend serve --host $(HOST) --models flover
 
 generate: setup
 	$(PY) -m flover_backend generate --model builtin:small --prompt "Once upon a time" --max-tokens 48

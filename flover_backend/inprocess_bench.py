@@ -76,6 +76,12 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def main(args: argparse.Namespace) -> int:
+    """The `bench` subcommand: run, and exit 0."""
+    run(args)
+    return 0
+
+
 def _decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
     weight_bytes, num_params = weight_footprint(engine.runner.model)
     bandwidth, flops = memory_bandwidth(), matmul_rate()

@@ -11,7 +11,7 @@ from flover_backend.engine import Engine
 from flover_backend.sampling_params import SamplingParams
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     """Load the model, stream the completion to stdout, then print token counts and speed."""
     config = EngineConfig(model=args.model, max_num_seqs=1, max_model_len=args.max_model_len,
                           num_threads=args.threads, dtype=args.dtype)
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
     print(f"\n[{output.num_output_tokens} tokens in {elapsed:.2f}s, {output.num_output_tokens / elapsed:.1f} tok/s, "
           f"finish_reason={output.finish_reason}]", file=sys.stderr)
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,4 +47,4 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "GPT2LMHeadModel": GPT2,
 }
 
-__all__ = ["MODEL_REGISTRY", "CausalLM", "GPT2", "Llama", "ModelConfig"]
+__all__ = ["GPT2", "MODEL_REGISTRY", "CausalLM", "Llama", "ModelConfig"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,19 +17,31 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from flover_backend.models.llama import Llama, LlamaConfig
 
 BUILTIN_PREFIX = "builtin:"
+# Bump whenever the weights or tokenizer recipe changes: caches written by another version are rebuilt.
+RECIPE_VERSION = 2
+MARKER_FILE = "flover_builtin.json"
 SEED = 20240607
 VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
 
 _SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=12, tie_word_embeddings=True, max_position_embeddings=2048),
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+             "max_position_embeddings": 1024},
+    "small": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "tie_word_embeddings": True,
+              "max_position_embeddings": 2048},
 }
-# Logit spread: the normed final state has norm sqrt(hidden), so a head row with std s gives logits
-# with std s * sqrt(hidden). About 3 keeps greedy top-2 gaps far above float32 noise.
+# Weight std = gain / sqrt(fan_in), so both sizes get the same activation scales. Plain 0.02 gives flat
+# attention and a residual stream that stays close to the input token's embedding: greedy decoding then
+# ignores the context and (tied) repeats the input token forever. These gains give peaked, random
+# attention, so every token of the context moves the next-token choice.
+GAINS = {"q_proj": 2.0, "k_proj": 2.0, "v_proj": 2.0, "o_proj": 1.0, "gate_proj": 1.0, "up_proj": 1.0,
+         "down_proj": 2.0}
+# The normed final state has norm sqrt(hidden), so a head row with std s gives logits with std
+# s * sqrt(hidden); about 3 keeps greedy top-2 gaps far above float32 noise. The embedding (the
+# head itself when tied) uses the same std.
 LOGIT_STD = 3.0
 
 
@@ -63,7 +76,7 @@ def builtin_checkpoint(name: str) -> Path:
     builtin_config(name)  # reject unknown names before touching the disk
     home = Path(os.environ.get("FLOVER_HOME") or Path.home() / ".cache" / "flover").expanduser()
     final = home / "builtin" / name
-    if final.is_dir():
+    if _is_current(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename: the rename is atomic, so a racing process either wins
@@ -71,9 +84,11 @@ def builtin_checkpoint(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         export_builtin(name, tmp)
+        if final.exists() and not _is_current(final):
+            _discard(final)
         os.rename(tmp, final)
     except OSError:
-        if not final.is_dir():
+        if not _is_current(final):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -97,11 +112,13 @@ def export_builtin(name: str, dest: str | Path) -> Path:
         "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,  # HF's cleanup would rewrite " ." and break round trips
     })
+    # Last: its presence marks the directory complete.
+    _write_json(dest / MARKER_FILE, {"name": name, "recipe_version": RECIPE_VERSION})
     return dest
 
 
 def random_weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Deterministic float32 weights for an HF Llama config: norms 1, matrices normal(0, 0.02)."""
+    """Deterministic float32 weights for an HF Llama config: norms 1, matrices N(0, gain^2 / fan_in)."""
     llama_config = LlamaConfig.from_hf(config)
     with torch.device("meta"):
         shapes = {key: t.shape for key, t in Llama(llama_config).state_dict().items()}
@@ -109,12 +126,13 @@ def random_weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(SEED)
     weights = {}
     for key in sorted(shapes):  # a fixed order, so each tensor always draws the same numbers
+        shape = shapes[key]
         if key.endswith("norm.weight"):
-            weights[key] = torch.ones(shapes[key])
+            weights[key] = torch.ones(shape)
             continue
-        # The head (tied: the embedding) carries the logit scale; other matrices get the usual 0.02.
-        std = head_std if key in ("lm_head.weight", "model.embed_tokens.weight") else 0.02
-        weights[key] = torch.randn(shapes[key], generator=generator) * std
+        module = key.split(".")[-2]
+        std = GAINS[module] / shape[1] ** 0.5 if module in GAINS else head_std
+        weights[key] = torch.randn(shape, generator=generator) * std
     return weights
 
 
@@ -125,7 +143,8 @@ def build_tokenizer() -> Tokenizer:
     vocab.update((symbols[b], len(SPECIAL_TOKENS) + b) for b in range(256))
     pairs = sorted(((a, b) for a in range(256) for b in range(256)), key=_pair_rank)
     merges = [(symbols[a], symbols[b]) for a, b in pairs[:VOCAB_SIZE - len(vocab)]]
-    vocab.update((left + right, len(vocab) + i) for i, (left, right) in enumerate(merges))
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -137,7 +156,7 @@ def build_tokenizer() -> Tokenizer:
 
 
 def _byte_tier(byte: int) -> int:
-    """How common a byte is in text: 0 lowercase/space, 1 upper/digit, 2 other ASCII text, 3 UTF-8, 4 control."""
+    """How common a byte is in text: 0 lowercase/space, 1 upper/digit, 2 other ASCII, 3 UTF-8, 4 control."""
     char = chr(byte)
     if char == " " or "a" <= char <= "z":
         return 0
@@ -149,7 +168,7 @@ def _byte_tier(byte: int) -> int:
 
 
 def _pair_rank(pair: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Merge order: ASCII text pairs by tier, then UTF-8 byte pairs, then UTF-8 next to text, then the rest."""
+    """Merge order: ASCII pairs by tier, then UTF-8 byte pairs, then UTF-8 next to text, then the rest."""
     tiers = sorted(map(_byte_tier, pair))
     if tiers[1] <= 2:
         group = tiers[1]
@@ -162,7 +181,7 @@ def _pair_rank(pair: tuple[int, int]) -> tuple[int, int, int, int]:
 
 def _byte_symbols() -> list[str]:
     """GPT-2's printable stand-in character for each byte (what ByteLevel pre-tokenization emits)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     symbols, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -171,6 +190,22 @@ def _byte_symbols() -> list[str]:
             symbols[byte] = chr(256 + extra)
             extra += 1
     return [symbols[b] for b in range(256)]
+
+
+def _is_current(path: Path) -> bool:
+    """Whether `path` holds a complete checkpoint written by this recipe version."""
+    try:
+        return json.loads((path / MARKER_FILE).read_text())["recipe_version"] == RECIPE_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _discard(path: Path) -> None:
+    """Move a stale checkpoint aside (atomically, so the name is free at once) and delete it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".stale-{path.name}-", dir=path.parent))
+    with contextlib.suppress(FileNotFoundError):  # another process already moved it
+        os.rename(path, aside / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -29,7 +29,7 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of n_head={self.num_heads}")
 
     @property
     def num_kv_heads(self) -> int:
@@ -80,7 +80,7 @@ class Conv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W + b over the last dimension."""
-        out_shape = x.shape[:-1] + (self.weight.shape[1],)
+        out_shape = (*x.shape[:-1], self.weight.shape[1])
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(out_shape)
 
 

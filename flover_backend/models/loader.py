@@ -45,13 +45,13 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device)
     hf_config = json.loads((path / "config.json").read_text())
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     if architecture not in MODEL_REGISTRY:
-        raise NotImplementedError(f"architecture {architecture!r} in {path}; supported: {sorted(MODEL_REGISTRY)}")
+        raise NotImplementedError(f"architecture {architecture!r} ({path}); we have {sorted(MODEL_REGISTRY)}")
     model_class = MODEL_REGISTRY[architecture]
     config = model_class.config_class.from_hf(hf_config)
     # Meta parameters cost nothing; load_state_dict(assign=True) then swaps in the loaded tensors.
     with torch.device("meta"):
         model = model_class(config)
-    expected = model.state_dict().keys()
+    expected = set(model.state_dict())
     state = {}
     for file in _weight_files(path):
         for key, tensor in load_file(file, device=str(device)).items():
@@ -77,11 +77,11 @@ def _weight_files(path: Path) -> list[Path]:
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path} (other weight formats are not supported)")
+        raise FileNotFoundError(f"no *.safetensors weights in {path} (other formats are not supported)")
     return files
 
 
-def _match_key(key: str, expected: set[str] | dict) -> str | None:
+def _match_key(key: str, expected: set[str]) -> str | None:
     """The model's name for a checkpoint key; None for keys we deliberately drop."""
     if key in expected:
         return key

@@ -1,0 +1,155 @@
+"""Streaming calls to a flover model over gRPC (tritonclient) and HTTP (`generate_stream`)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+# Input name -> NumPy dtype the model's config.pbtxt declares for it.
+INPUT_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
+                "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_, "exclude_input_in_output": np.bool_,
+                "stop_token_ids": np.int32, "input_ids": np.int32}
+LIST_INPUTS = {"stop", "stop_token_ids", "input_ids"}
+
+
+class ServerError(RuntimeError):
+    """The server answered a request with an error."""
+
+
+@dataclass
+class Chunk:
+    """One streamed response: new text and ids; the last one also says why generation ended."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    num_output_tokens: int | None = None
+
+
+def grpc_inputs(fields: dict) -> list[grpcclient.InferInput]:
+    """Triton inputs for a request given as {input name: value} (strings, numbers, lists)."""
+    inputs = []
+    for name, value in fields.items():
+        if name in INPUT_DTYPES:
+            array = np.array(value if name in LIST_INPUTS else [value], dtype=INPUT_DTYPES[name])
+        else:  # BYTES inputs: text_input, stop, sampling_parameters
+            values = value if name in LIST_INPUTS else [value]
+            array = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _chunk(result) -> Chunk | None:
+    text = result.as_numpy("text_output")
+    if text is None:  # the empty final response that closes a stream
+        return None
+    reason = result.as_numpy("finish_reason")
+    count = result.as_numpy("num_output_tokens")
+    return Chunk(text=b"".join(text).decode("utf-8"), token_ids=result.as_numpy("output_ids").tolist(),
+                 finish_reason=reason[0].decode() if reason is not None else None,
+                 num_output_tokens=int(count[0]) if count is not None else None)
+
+
+class GrpcStream:
+    """One request over a gRPC bidirectional stream; iterate for chunks, `cancel()` to stop it."""
+
+    def __init__(self, url: str, model: str, fields: dict, timeout_s: float = 300.0):
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._client.start_stream(callback=lambda result, error: self._results.put((result, error)))
+        self._client.async_stream_infer(model, grpc_inputs(fields), request_id=uuid.uuid4().hex,
+                                        enable_empty_final_response=True)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        finished = False
+        try:
+            while True:
+                result, error = self._results.get(timeout=self.timeout_s)
+                if error is not None:
+                    finished = True
+                    raise ServerError(str(error))
+                chunk = _chunk(result)
+                finished = result.get_response().parameters["triton_final_response"].bool_param
+                if chunk is not None:
+                    yield chunk
+                if finished:
+                    return
+        finally:
+            # A consumer that stops reading early cancels: closing alone would wait for the whole answer.
+            self.close() if finished else self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the request on the server and close the connection."""
+        self._client.stop_stream(cancel_requests=True)
+        self._client.close()
+
+    def close(self) -> None:
+        """Close the stream and the connection."""
+        self._client.stop_stream()
+        self._client.close()
+
+
+def stream_grpc(url: str, model: str, **fields) -> Iterator[Chunk]:
+    """Stream one request's chunks over gRPC, e.g. `stream_grpc(url, "flover", text_input="Hi", max_tokens=8)`."""
+    return iter(GrpcStream(url, model, fields))
+
+
+def stream_http(url: str, model: str, timeout_s: float = 300.0, **fields) -> Iterator[Chunk]:
+    """Stream one request's chunks over HTTP `generate_stream` (server-sent events)."""
+    request = urllib.request.Request(f"{url}/v2/models/{model}/generate_stream", data=json.dumps(fields).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as exc:
+        raise ServerError(_error_text(exc.read())) from None
+    with response:
+        for line in response:
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[len(b"data:"):])
+            if "error" in event:
+                raise ServerError(event["error"])
+            yield _http_chunk(event)
+
+
+def generate_http(url: str, model: str, timeout_s: float = 300.0, **fields) -> Chunk:
+    """One non-streaming request over HTTP `generate` (`stream` false): the whole answer in one response."""
+    request = urllib.request.Request(f"{url}/v2/models/{model}/generate",
+                                     data=json.dumps({**fields, "stream": False}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return _http_chunk(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        raise ServerError(_error_text(exc.read())) from None
+
+
+def _http_chunk(event: dict) -> Chunk:
+    text = event.get("text_output", "")
+    ids = event.get("output_ids", [])
+    return Chunk(text="".join(text) if isinstance(text, list) else text,
+                 token_ids=ids if isinstance(ids, list) else [ids],
+                 finish_reason=_scalar(event.get("finish_reason")), num_output_tokens=_scalar(event.get("num_output_tokens")))
+
+
+def _scalar(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError):
+        return body.decode(errors="replace")

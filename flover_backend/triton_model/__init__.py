@@ -1,0 +1,1 @@
+"""The Triton Python-backend face of the engine: request parsing, the adapter, metrics."""

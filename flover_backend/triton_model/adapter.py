@@ -1,0 +1,178 @@
+"""The Triton Python-backend model: a thin, decoupled adapter around one engine and its single loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from flover_backend.config import EngineConfig
+from flover_backend.engine import Engine, RequestOutput
+from flover_backend.errors import EngineDeadError, InvalidRequestError
+from flover_backend.triton_model.metrics import EngineMetrics
+from flover_backend.triton_model.parsing import ParsedRequest, parse_request
+
+logger = logging.getLogger(__name__)
+INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+               "stop_token_ids", "ignore_eos", "stream", "exclude_input_in_output", "sampling_parameters")
+CANCEL_POLL_S = 0.02  # how often in-flight requests are checked for client cancellation
+_STOP = object()
+
+
+@dataclass
+class _Stream:
+    """One in-flight Triton request: where its responses go and what it has received so far."""
+
+    req_id: str
+    sender: object  # pb_utils.InferenceResponseSender
+    parsed: ParsedRequest
+    arrival: float = field(default_factory=time.monotonic)
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    got_first_token: bool = False
+    cancel_sent: bool = False
+
+
+class TritonPythonModel:
+    """`execute` hands requests to the engine and returns; a response thread sends what the loop makes."""
+
+    def initialize(self, args: dict) -> None:
+        """Start the engine with the settings in config.pbtxt `parameters`, and the response thread."""
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the flover model must be decoupled (it streams)")
+        settings = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+        self.engine = Engine(EngineConfig.from_dict(settings)).start()
+        self.metrics = EngineMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._id_prefix = f"{args['model_instance_name']}-"
+        self._responder = threading.Thread(target=self._respond_loop, name="flover-responder", daemon=True)
+        self._responder.start()
+
+    def execute(self, requests: list) -> None:
+        """Queue every request in the engine (or answer it with an error); never waits for generation."""
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._admit(request, sender)
+            except InvalidRequestError as exc:
+                _send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            except EngineDeadError as exc:
+                _send_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
+        return None
+
+    def _admit(self, request, sender) -> None:
+        parsed = parse_request(_inputs(request))
+        stream = _Stream(f"{self._id_prefix}{next(self._ids)}", sender, parsed)
+        self._streams[stream.req_id] = stream  # before the engine can answer, so cancellation is watched
+        try:
+            self.engine.add_request(parsed.prompt, parsed.params, prompt_token_ids=parsed.prompt_token_ids,
+                                    req_id=stream.req_id, on_output=lambda out: self._outputs.put((stream, out)))
+        except Exception:
+            del self._streams[stream.req_id]
+            raise
+
+    def finalize(self) -> None:
+        """Stop the loop (in-flight requests end with 'abort'), flush their responses, join the threads."""
+        self.engine.stop()
+        self._outputs.put(_STOP)
+        self._responder.join()
+
+    # ----- response thread -----
+
+    def _respond_loop(self) -> None:
+        last_poll = 0.0
+        while True:
+            try:
+                item = self._outputs.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                return
+            try:
+                if item is not None:
+                    self._send(*item)
+                now = time.monotonic()
+                if now - last_poll >= CANCEL_POLL_S:
+                    last_poll = now
+                    self._poll_cancellations()
+                    self.metrics.update(self.engine.stats)
+            except Exception:  # this thread serves every request: log, never die
+                logger.exception("response thread error")
+
+    def _poll_cancellations(self) -> None:
+        for stream in list(self._streams.values()):
+            if not stream.cancel_sent and stream.sender.is_cancelled():
+                stream.cancel_sent = True
+                self.engine.abort(stream.req_id)
+
+    def _send(self, stream: _Stream, output: RequestOutput) -> None:
+        if output.new_token_ids and not stream.got_first_token:
+            stream.got_first_token = True
+            self.metrics.observe_ttft(time.monotonic() - stream.arrival)
+        try:
+            if output.finish_reason == "error":
+                _send_error(stream.sender, f"generation failed: {output.error}", pb_utils.TritonError.INTERNAL)
+            elif stream.cancel_sent and output.finished:
+                stream.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            elif stream.parsed.stream:
+                self._send_delta(stream, output)
+            else:
+                self._accumulate(stream, output)
+        except Exception:  # the client is gone: stop generating for it
+            logger.exception("sending to %s failed; aborting it", stream.req_id)
+            self.engine.abort(stream.req_id)
+        if output.finished:
+            self._streams.pop(stream.req_id, None)
+
+    def _send_delta(self, stream: _Stream, output: RequestOutput) -> None:
+        tensors = _token_tensors(output.new_text, output.new_token_ids)
+        if output.finished:
+            tensors += _final_tensors(output)
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.finished else 0
+        stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def _accumulate(self, stream: _Stream, output: RequestOutput) -> None:
+        stream.text.append(output.new_text)
+        stream.token_ids.extend(output.new_token_ids)
+        if not output.finished:
+            return
+        prefix = "" if stream.parsed.exclude_input_in_output or stream.parsed.prompt is None else stream.parsed.prompt
+        tensors = _token_tensors(prefix + "".join(stream.text), stream.token_ids) + _final_tensors(output)
+        stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
+                           flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _inputs(request) -> dict[str, np.ndarray]:
+    """The request's inputs by name, as NumPy arrays (BYTES become object arrays of bytes)."""
+    tensors = {}
+    for name in INPUT_NAMES:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            tensors[name] = tensor.as_numpy()
+    return tensors
+
+
+def _token_tensors(text: str, token_ids: list[int]) -> list:
+    return [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32))]
+
+
+def _final_tensors(output: RequestOutput) -> list:
+    return [pb_utils.Tensor("finish_reason", np.array([output.finish_reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], dtype=np.int32))]
+
+
+def _send_error(sender, message: str, code) -> None:
+    response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

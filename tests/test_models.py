@@ -1,0 +1,178 @@
+"""Our Llama and GPT-2 give transformers' logits on the same weights, loaded through our loader."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+from transformers import GPT2Config as HFGPT2Config
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers import LlamaConfig as HFLlamaConfig
+
+from flover_backend.layers.attention import ForwardBatch
+from flover_backend.models import MODEL_REGISTRY
+from flover_backend.models.gpt2 import GPT2Config
+from flover_backend.models.llama import LlamaConfig
+from flover_backend.models.loader import load_model, resolve_model_path
+
+VOCAB_SIZE = 96
+PROMPT_LENS = [5, 9]
+NUM_DECODE_STEPS = 4
+MAX_LEN = 16
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+HF_CONFIGS = {
+    "llama-gqa": lambda: HFLlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0,
+        rms_norm_eps=1e-5),
+    "llama-tied-bias-headdim": lambda: HFLlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
+        attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "gpt2": lambda: HFGPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+}
+
+
+def hf_model(name: str) -> torch.nn.Module:
+    """A random transformers model whose norms and biases are off their ones/zeros init."""
+    torch.manual_seed(0)
+    config = HF_CONFIGS[name]()
+    model = (GPT2LMHeadModel if name == "gpt2" else LlamaForCausalLM)(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # a norm or bias left at its init would hide a missing one
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def check_against_hf(ours, hf) -> None:
+    """Prefill two right-padded prompts, decode a few steps, and compare each step with HF's full forward."""
+    c = ours.config
+    generator = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
+    kv = torch.zeros(c.num_layers, 2, 3, c.num_kv_heads, MAX_LEN, c.head_dim)  # one spare row
+    input_ids = torch.zeros(len(seqs), max(PROMPT_LENS), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+    batch = ForwardBatch.prefill(slice(0, 2), PROMPT_LENS, torch.device("cpu"))
+    with torch.no_grad():
+        hidden = ours.forward(input_ids, batch, kv)
+        logits = ours.compute_logits(hidden[torch.arange(2), batch.last_index])
+        for step in range(NUM_DECODE_STEPS + 1):
+            assert logits.dtype == torch.float32 and logits.shape == (2, VOCAB_SIZE)
+            for i, seq in enumerate(seqs):
+                expected = hf(torch.tensor([seq])).logits[0, -1]
+                assert_close(logits[i], expected, **TOLERANCE, msg=f"step {step} row {i}")
+            if step == NUM_DECODE_STEPS:
+                break
+            next_ids = logits.argmax(-1)
+            context_lens = torch.tensor([len(seq) for seq in seqs])
+            for seq, token_id in zip(seqs, next_ids.tolist(), strict=True):
+                seq.append(token_id)
+            batch = ForwardBatch.decode(slice(0, 2), context_lens)
+            logits = ours.compute_logits(ours.forward(next_ids[:, None], batch, kv)[:, 0])
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_logits_match_transformers(name, sharded, tmp_path):
+    hf = hf_model(name)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "1GB")
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert (len(files) > 2) == sharded, files
+    ours = load_model(tmp_path, torch.float32, "cpu")
+    assert isinstance(ours, MODEL_REGISTRY[hf.config.architectures[0]])
+    check_against_hf(ours, hf)
+
+
+def test_gpt2_openai_key_layout(tmp_path):
+    """OpenAI's gpt2 checkpoints drop the `transformer.` prefix and lm_head, and carry mask buffers."""
+    hf = hf_model("gpt2")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    n = hf.config.n_positions
+    openai = {key.removeprefix("transformer."): t for key, t in state.items() if key != "lm_head.weight"}
+    for i in range(hf.config.n_layer):
+        openai[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        openai[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(openai, tmp_path / "model.safetensors")
+    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf)
+
+
+def test_bfloat16_load(tmp_path):
+    hf = hf_model("llama-gqa")
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, torch.bfloat16, "cpu")
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert ours.rope_cos.dtype == torch.bfloat16
+    c = ours.config
+    kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, MAX_LEN, c.head_dim, dtype=torch.bfloat16)
+    batch = ForwardBatch.prefill(slice(0, 1), [6], torch.device("cpu"))
+    ids = torch.arange(6)[None]
+    with torch.no_grad():
+        logits = ours.compute_logits(ours.forward(ids, batch, kv)[0, -1:])
+        expected = hf(ids).logits[0, -1:]
+    assert logits.dtype == torch.float32
+    assert_close(logits, expected, atol=0.05, rtol=0.05)
+
+
+def _rewrite_weights(path, edit) -> None:
+    """Apply `edit` to the single-file checkpoint's state dict in place."""
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_loader_rejects_missing_and_unexpected_keys(tmp_path):
+    hf_model("llama-gqa").save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_model(tmp_path, torch.float32, "cpu")
+    _rewrite_weights(tmp_path, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(96, 64),
+                                                   "model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected keys \['model.layers.0.extra.weight'\]"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_loader_rejects_unknown_architecture(tmp_path):
+    hf_model("llama-gqa").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(NotImplementedError, match="MambaForCausalLM"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+])
+def test_llama_config_refuses_rope_scaling(rope):
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2}
+    with pytest.raises(NotImplementedError, match="rope scaling"):
+        LlamaConfig.from_hf({**base, **rope})
+    config = LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": None})
+    assert (config.rope_theta, config.num_kv_heads, config.head_dim) == (5e5, 2, 4)
+
+
+def test_model_configs_expose_engine_fields():
+    llama = LlamaConfig.from_hf({**HF_CONFIGS["llama-gqa"]().to_dict(), "eos_token_id": [2, 7]})
+    assert (llama.num_layers, llama.num_kv_heads, llama.head_dim, llama.eos_token_id) == (2, 2, 16, [2, 7])
+    assert llama.max_position_embeddings == 64 and llama.vocab_size == VOCAB_SIZE
+    mistral = LlamaConfig.from_hf({**HF_CONFIGS["llama-gqa"]().to_dict(), "sliding_window": 32})
+    assert mistral.max_position_embeddings == 32
+    gpt2 = GPT2Config.from_hf(HF_CONFIGS["gpt2"]().to_dict())
+    assert (gpt2.num_layers, gpt2.num_kv_heads, gpt2.head_dim, gpt2.bos_token_id) == (2, 4, 16, 50256)
+
+
+def test_resolve_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        resolve_model_path("builtin:huge")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path(str(tmp_path)) == tmp_path

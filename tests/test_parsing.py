@@ -1,0 +1,77 @@
+"""Triton inputs to engine requests: good inputs map across, bad ones name their field."""
+
+import numpy as np
+import pytest
+
+from flover_backend.errors import InvalidRequestError
+from flover_backend.repository import derive_repository, set_parameter
+from flover_backend.triton_model.parsing import parse_request
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)
+
+
+def test_defaults_and_explicit_inputs():
+    parsed = parse_request({"text_input": text("hi")})
+    assert parsed.prompt == "hi" and parsed.stream and not parsed.exclude_input_in_output
+    assert parsed.params.max_tokens == 16 and parsed.params.greedy
+    parsed = parse_request({
+        "text_input": text("hi"), "max_tokens": np.array([5], np.int32), "temperature": np.array([0.5], np.float32),
+        "top_k": np.array([3], np.int32), "top_p": np.array([0.9], np.float32), "seed": np.array([7], np.int64),
+        "stop": np.array([b"a", b"bc"], dtype=np.object_), "stop_token_ids": np.array([9], np.int32),
+        "ignore_eos": np.array([True]), "stream": np.array([False]), "exclude_input_in_output": np.array([True]),
+    })
+    p = parsed.params
+    assert (p.max_tokens, p.top_k, p.seed, p.stop, p.stop_token_ids, p.ignore_eos) == (5, 3, 7, ["a", "bc"], [9], True)
+    assert p.temperature == pytest.approx(0.5) and p.top_p == pytest.approx(0.9)
+    assert not parsed.stream and parsed.exclude_input_in_output
+
+
+def test_sampling_parameters_json_with_string_numbers_and_explicit_override():
+    parsed = parse_request({"text_input": text("hi"),
+                            "sampling_parameters": text('{"max_tokens": "32", "temperature": 0.7, "ignore_eos": "true"}'),
+                            "max_tokens": np.array([4], np.int32)})
+    assert parsed.params.max_tokens == 4 and parsed.params.temperature == 0.7 and parsed.params.ignore_eos
+
+
+def test_input_ids_prompt():
+    parsed = parse_request({"input_ids": np.array([[5, 6, 7]], np.int32)})
+    assert parsed.prompt is None and parsed.prompt_token_ids == [5, 6, 7]
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({}, "text_input"),
+    ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, "text_input"),
+    ({"text_input": np.array([b"\xff\xfe"], dtype=np.object_)}, "text_input"),
+    ({"text_input": text("x"), "input_ids": np.array([1], np.int32)}, "input_ids"),
+    ({"text_input": text("x"), "max_tokens": np.array([-1], np.int32)}, "max_tokens"),
+    ({"text_input": text("x"), "max_tokens": np.array([1.5], np.float32)}, "max_tokens"),
+    ({"text_input": text("x"), "top_p": np.array([0.0], np.float32)}, "top_p"),
+    ({"text_input": text("x"), "top_p": np.array([1.2], np.float32)}, "top_p"),
+    ({"text_input": text("x"), "temperature": np.array([-1.0], np.float32)}, "temperature"),
+    ({"text_input": text("x"), "stream": np.array([1], np.int32)}, "stream"),
+    ({"text_input": text("x"), "sampling_parameters": text("{not json")}, "sampling_parameters"),
+    ({"text_input": text("x"), "sampling_parameters": text("[1, 2]")}, "sampling_parameters"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"bogus": 1}')}, "sampling_parameters"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"max_tokens": "many"}')}, "max_tokens"),
+    ({"text_input": text("x"), "stop": np.array([b"\xc3"], dtype=np.object_)}, "stop"),
+])
+def test_bad_inputs_name_their_field(inputs, field):
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(inputs)
+    assert info.value.field == field
+
+
+def test_derive_repository_overrides_parameters_and_counts(tmp_path):
+    repo = derive_repository(tmp_path / "repo", models=["flover", "flover_instances"],
+                             settings={"model": "builtin:tiny", "max_num_seqs": 8},
+                             instance_counts={"flover_instances": 2})
+    assert sorted(p.name for p in repo.iterdir()) == ["flover", "flover_instances"]
+    config = (repo / "flover" / "config.pbtxt").read_text()
+    assert 'key: "model" value: { string_value: "builtin:tiny" }' in config
+    assert 'key: "max_num_seqs" value: { string_value: "8" }' in config and "builtin:small" not in config
+    assert "count: 2" in (repo / "flover_instances" / "config.pbtxt").read_text()
+    assert 'key: "new" value: { string_value: "1" }' in set_parameter("", "new", "1")
+    with pytest.raises(FileNotFoundError):
+        derive_repository(tmp_path / "other", models=["missing"])

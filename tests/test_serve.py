@@ -1,0 +1,215 @@
+"""The launcher against a real tritonserver: readiness, HTTP and gRPC streaming, shutdown, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from flover_backend import perf
+from flover_backend.serve import (
+    PROJECT_ROOT,
+    TritonServer,
+    TritonServerError,
+    find_free_port,
+    prepare_backend_dir,
+    server_command,
+)
+
+pytestmark = pytest.mark.triton
+
+CONFIG = """
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [
+  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "module_path" data_type: TYPE_STRING dims: [ 1 ] }
+]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+# Streams "<text> 0", "<text> 1", "<text> 2", then an empty final response. The imports prove the stub's
+# Python sees the project (flover_backend) and the environment's packages (torch).
+MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+{extra_import}
+import flover_backend
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()[0]
+            where = np.array([flover_backend.__file__.encode()], dtype=np.object_)
+            for i in range(3):
+                out = np.array([text + b" %d" % i], dtype=np.object_)
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("text_output", out), pb_utils.Tensor("module_path", where)]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+
+def write_repository(root: Path, name: str = "echo", extra_import: str = "", model_code: str = MODEL) -> Path:
+    """A model repository holding one decoupled python model; return the repository folder."""
+    version_dir = root / name / "1"
+    version_dir.mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(CONFIG)
+    (version_dir / "model.py").write_text(model_code.format(extra_import=extra_import))
+    return root
+
+
+def free_ports() -> dict[str, int]:
+    """Three distinct free ports for one server."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(find_free_port())
+    return dict(zip(("http_port", "grpc_port", "metrics_port"), sorted(ports)))
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group `pgid`: tritonserver and its stubs."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server with the torch-importing echo model, shared by the streaming tests."""
+    tmp = tmp_path_factory.mktemp("triton")
+    repo = write_repository(tmp / "repo", extra_import="import torch")
+    with TritonServer(repo, log_path=tmp / "server.log", ready_timeout_s=120, **free_ports()) as running:
+        yield running
+
+
+def test_server_command_names_ports_and_backends(tmp_path):
+    backend_dir = prepare_backend_dir(tmp_path / "backends")
+    assert prepare_backend_dir(tmp_path / "backends") == backend_dir  # second call reuses the first copy
+    assert (backend_dir / "python" / "triton_python_backend_stub").exists()
+    command = server_command(tmp_path, 1, 2, 3, "0.0.0.0", backend_dir, ["--log-verbose=1"])
+    assert f"--backend-directory={backend_dir}" in command
+    assert {"--http-port=1", "--grpc-port=2", "--metrics-port=3", "--grpc-address=0.0.0.0"} <= set(command)
+    assert command[-1] == "--log-verbose=1"
+
+
+def test_ready_and_model_index(server):
+    with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=5) as reply:
+        assert reply.status == 200
+    assert server.model_names() == ["echo"]
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as reply:
+        assert b"nv_inference_request_success" in reply.read()
+
+
+def test_http_generate_stream(server):
+    request = urllib.request.Request(f"{server.http_url}/v2/models/echo/generate_stream",
+                                     data=json.dumps({"text_input": "hi"}).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        events = [json.loads(line[len(b"data:"):]) for line in reply if line.startswith(b"data:")]
+    assert [event["text_output"] for event in events] == ["hi 0", "hi 1", "hi 2"]
+    # the stub imported the checkout's package, not some other installed copy
+    assert Path(events[0]["module_path"]).resolve() == PROJECT_ROOT / "flover_backend" / "__init__.py"
+
+
+def test_grpc_stream(server):
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"yo"], dtype=np.object_))
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("echo", [text], request_id="r1", enable_empty_final_response=True)
+        outputs = []
+        while True:
+            result, error = results.get(timeout=30)
+            assert error is None
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                assert result.as_numpy("text_output") is None  # the empty final response
+                break
+            outputs.append(result.as_numpy("text_output")[0])
+    finally:
+        client.stop_stream()
+        client.close()
+    assert outputs == [b"yo 0", b"yo 1", b"yo 2"]
+
+
+def test_perf_analyzer_runs(server, tmp_path):
+    input_data = perf.write_input_data(tmp_path / "input.json", [{"text_input": ["hello"]}])
+    command = perf.perf_analyzer_command("echo", server.grpc_url, 2, input_data, 1000, request_count=100)
+    done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Detected decoupled model" in done.stdout
+    (throughput,) = perf.parse_throughput(done.stdout)
+    assert throughput > 0
+
+
+def test_stop_ends_server_and_stubs(tmp_path):
+    repo = write_repository(tmp_path / "repo")
+    server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports()).start()
+    pgid = server.process.pid
+    assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
+    started = time.monotonic()
+    assert server.stop() == 0  # a clean exit on SIGINT, not a kill
+    assert time.monotonic() - started < 15
+    assert group_members(pgid) == []
+
+
+def test_missing_repository_fails_fast_with_log(tmp_path):
+    server = TritonServer(tmp_path / "missing", log_path=tmp_path / "server.log", **free_ports())
+    with pytest.raises(TritonServerError, match="exited with code") as failure:
+        server.start()
+    assert "failed to stat file" in str(failure.value)  # tritonserver's own words, from the log
+    assert server.poll() is not None
+
+
+def test_broken_model_reports_its_error(tmp_path):
+    repo = write_repository(tmp_path / "repo", model_code="import no_such_module\n")
+    server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports())
+    with pytest.raises(TritonServerError, match="No module named 'no_such_module'"):
+        server.start()
+    assert group_members(server.process.pid) == []
+
+
+def test_cli_serve_stops_on_sigterm(tmp_path):
+    ports = free_ports()
+    repo = write_repository(tmp_path / "repo")
+    args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
+    env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
+    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args],
+                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        banner = "".join(lines)
+        assert f"http:    http://127.0.0.1:{ports['http_port']}" in banner
+        assert f"grpc:    127.0.0.1:{ports['grpc_port']}" in banner
+        assert "models:  echo" in banner
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=30) == 0, cli.stderr.read()
+    log = next((tmp_path / "home" / "triton" / "logs").glob("tritonserver-*.log")).read_text()
+    assert "successfully unloaded 'echo'" in log

@@ -1,0 +1,153 @@
+"""The flover models served by a real tritonserver: streaming, errors, cancellation, metrics, baselines."""
+
+import queue
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from clients.triton_stream import GrpcStream, ServerError, generate_http, grpc_inputs, stream_grpc, stream_http
+from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.repository import derive_repository
+from flover_backend.serve import TritonServer, find_free_port
+
+pytestmark = pytest.mark.triton
+SETTINGS = {"model": "builtin:tiny", "max_num_seqs": 16, "max_model_len": 256, "num_threads": 1}
+PROMPT = "Temporal fusion on Triton"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, builtin_home):
+    repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", settings=SETTINGS,
+                             instance_counts={"flover_instances": 2})
+    ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+    with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process engine's greedy answer to PROMPT: what every protocol must return."""
+    config = EngineConfig(**SETTINGS)
+    with Engine(config) as engine:
+        outputs = list(engine.generate(PROMPT, SamplingParams(max_tokens=24, ignore_eos=True)))
+    return [t for o in outputs for t in o.new_token_ids], "".join(o.new_text for o in outputs)
+
+
+def metric(server, name: str, model: str = "flover") -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = [float(v) for v in re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)]
+    assert values, f"{name} for {model} not on the metrics page"
+    return sum(values)
+
+
+@pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances"])
+def test_grpc_stream_equals_in_process_engine(server, reference, model):
+    chunks = list(stream_grpc(server.grpc_url, model, text_input=PROMPT, max_tokens=24, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == reference[0]
+    assert "".join(c.text for c in chunks) == reference[1]
+    assert len(chunks) > 1 and chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 24
+
+
+def test_http_generate_stream_and_non_streaming_equal_engine(server, reference):
+    chunks = list(stream_http(server.http_url, "flover", text_input=PROMPT, max_tokens=24, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == reference[0]
+    assert chunks[-1].finish_reason == "length"
+    whole = generate_http(server.http_url, "flover", text_input=PROMPT, max_tokens=24, ignore_eos=True,
+                          exclude_input_in_output=True)
+    assert whole.text == reference[1] and whole.token_ids == reference[0] and whole.finish_reason == "length"
+    with_prompt = generate_http(server.http_url, "flover", text_input=PROMPT, max_tokens=24, ignore_eos=True)
+    assert with_prompt.text == PROMPT + reference[1]
+
+
+def test_64_concurrent_streams_over_16_rows_all_complete(server):
+    counts, errors = {}, []
+
+    def one(i: int) -> None:
+        try:
+            chunks = list(stream_grpc(server.grpc_url, "flover", text_input=f"stream {i}", max_tokens=12 + i % 5,
+                                      ignore_eos=True))
+            counts[i] = (sum(len(c.token_ids) for c in chunks), chunks[-1].finish_reason)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors
+    assert counts == {i: (12 + i % 5, "length") for i in range(64)}
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_cancel_frees_row_and_others_finish(server):
+    keeper_chunks = []
+    keeper = threading.Thread(target=lambda: keeper_chunks.extend(
+        stream_grpc(server.grpc_url, "flover", text_input="keep going", max_tokens=230, ignore_eos=True)))
+    keeper.start()
+    victim = GrpcStream(server.grpc_url, "flover", {"text_input": "cancel me", "max_tokens": 230, "ignore_eos": True})
+    chunks = iter(victim)
+    next(chunks)
+    assert wait_for(lambda: metric(server, "flover_requests_running") == 2)
+    victim.cancel()
+    assert wait_for(lambda: metric(server, "flover_requests_running") == 1)  # freed while the keeper runs
+    keeper.join(timeout=120)
+    assert sum(len(c.token_ids) for c in keeper_chunks) == 230 and keeper_chunks[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"max_tokens": 4}, "text_input"),
+    ({"text_input": "x", "max_tokens": -3}, "max_tokens"),
+    ({"text_input": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"text_input": "x", "top_p": 1.5}, "top_p"),
+    ({"text_input": "x", "top_p": 0.0}, "top_p"),
+    ({"text_input": "word " * 400, "max_tokens": 4}, "prompt"),
+    ({"text_input": "x", "sampling_parameters": "{oops"}, "sampling_parameters"),
+    ({"text_input": b"\xff\xfe bad utf-8"}, "text_input"),
+])
+def test_bad_input_gets_error_naming_field_and_server_goes_on(server, fields, field):
+    with pytest.raises(ServerError, match=field):
+        list(stream_grpc(server.grpc_url, "flover", **fields))
+    chunks = list(stream_grpc(server.grpc_url, "flover", text_input="still alive", max_tokens=3, ignore_eos=True))
+    assert sum(len(c.token_ids) for c in chunks) == 3
+
+
+def test_wrong_dtype_and_shape_rejected_naming_the_input(server):
+    inputs = grpc_inputs({"text_input": "x"})
+    wrong_dtype = grpcclient.InferInput("max_tokens", [1], "FP32")
+    wrong_dtype.set_data_from_numpy(np.array([4.0], dtype=np.float32))
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    errors = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: errors.put(error))
+    client.async_stream_infer("flover", inputs + [wrong_dtype])
+    assert "max_tokens" in str(errors.get(timeout=30))
+    client.stop_stream()
+    client.close()
+    with pytest.raises(ServerError, match="text_input"):
+        list(stream_http(server.http_url, "flover", text_input=["a", "b"], max_tokens=2))
+    with pytest.raises(ServerError):  # Triton's own JSON parser refuses it before the model sees it
+        list(stream_http(server.http_url, "flover", text_input="x", max_tokens="four"))
+
+
+def test_metrics_count_iterations_tokens_and_ttft(server):
+    list(stream_grpc(server.grpc_url, "flover", text_input="count me", max_tokens=5, ignore_eos=True))
+    time.sleep(0.2)  # the response thread publishes metrics every few tens of milliseconds
+    assert metric(server, "flover_iterations_total") >= 5
+    assert metric(server, "flover_generated_tokens_total") >= 5
+    assert metric(server, "flover_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "flover_iteration_seconds_count") >= 5
+    assert metric(server, "flover_requests_waiting") == 0
+    assert metric(server, "flover_compaction_bytes_total") >= 0
