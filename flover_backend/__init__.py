@@ -11,7 +11,7 @@ _PUBLIC = {
     "InvalidRequestError": "flover_backend.errors",
     "EngineDeadError": "flover_backend.errors",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = ["Engine", "EngineConfig", "EngineDeadError", "InvalidRequestError", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

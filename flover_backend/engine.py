@@ -20,7 +20,7 @@ from flover_backend.model_runner import ModelRunner
 from flover_backend.models.loader import load_tokenizer, resolve_model_path
 from flover_backend.request import Request, RequestStatus
 from flover_backend.sampling_params import SamplingParams
-from flover_backend.scheduler import Scheduler, SchedulerOutput
+from flover_backend.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Engine:
             self._thread.join()
             self._thread = None
 
-    def __enter__(self) -> Engine:
+    def __enter__(self):  # unannotated: typing.Self needs Python 3.11
         return self.start()
 
     def __exit__(self, *exc) -> None:

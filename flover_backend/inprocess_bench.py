@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> dict:
     """Run every policy on the same trace, then the decode-step sweep; print and write the results."""
     trace = make_trace(args.num_requests, interval_s=args.interval_ms / 1000, gen_len=(args.max_tokens,) * 2,
                        prompt_len=args.prompt_len, seed=args.seed)
-    base = dict(model=args.model, max_num_seqs=max(args.num_requests, max(args.batch_sizes)),
-                max_model_len=args.prompt_len + max(args.max_tokens, 16) + 16, num_threads=args.threads)
+    base = {"model": args.model, "max_num_seqs": max(args.num_requests, max(args.batch_sizes)),
+            "max_model_len": args.prompt_len + max(args.max_tokens, 16) + 16, "num_threads": args.threads}
     results: dict = {"settings": vars(args) | {"batch_sizes": args.batch_sizes}, "policies": {}}
     for policy in args.policies:
         config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)

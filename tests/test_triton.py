@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from clients.triton_stream import GrpcStream, ServerError, generate_http, grpc_inputs, stream_grpc, stream_http
+from clients.triton_stream import (
+    GrpcStream,
+    ServerError,
+    generate_http,
+    grpc_inputs,
+    stream_grpc,
+    stream_http,
+)
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer, find_free_port

@@ -68,7 +68,6 @@ class TritonPythonModel:
                 _send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
             except EngineDeadError as exc:
                 _send_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
-        return None
 
     def _admit(self, request, sender) -> None:
         parsed = parse_request(_inputs(request))
