@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> dict:
                        prompt_len=args.prompt_len, seed=args.seed)
     base = {"model": args.model, "max_num_seqs": max(args.num_requests, max(args.batch_sizes)),
             "max_model_len": args.prompt_len + max(args.max_tokens, 16) + 16, "num_threads": args.threads}
-    results: dict = {"settings": vars(args) | {"batch_sizes": args.batch_sizes}, "policies": {}}
+    settings = {key: value for key, value in vars(args).items() if not callable(value)}
+    results: dict = {"settings": settings, "policies": {}}
     for policy in args.policies:
         config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)
         with Engine(config) as engine:

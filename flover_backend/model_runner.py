@@ -34,6 +34,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.model = load_model(model_path, self.dtype, self.device)
+        if hasattr(self.model, "prepack"):
+            self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
         self.arena = KVArena(
             num_layers=model_config.num_layers,

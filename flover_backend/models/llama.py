@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flover_backend.layers.attention import ForwardBatch, arena_attention
+from flover_backend.layers.linear import PackedLinear, can_pack, pack_linears
 
 
 @dataclass
@@ -207,5 +208,12 @@ class Llama(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def prepack(self, batch_hint: int) -> None:
+        """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
+        if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
+            self.lm_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint)  # the tied matrix
+        pack_linears(self, batch_hint)
