@@ -31,3 +31,6 @@ bench-inprocess: setup
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis .ruff_cache
+
+demo: setup
+	$(PY) -m clients.demo

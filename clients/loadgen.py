@@ -54,10 +54,13 @@ def openai_sender(base_url: str, model: str) -> Sender:
     return send
 
 
-def replay(trace: list[TraceRequest], send: Sender, label: str = "requests", show_progress: bool = True
-           ) -> list[RequestTiming]:
-    """Start each request at its arrival time on its own thread; wait for all; return their timings."""
-    timings = [RequestTiming(arrival=0.0) for _ in trace]
+def replay(trace: list[TraceRequest], send: Sender, label: str = "requests", show_progress: bool = True,
+           timings: list[RequestTiming] | None = None) -> list[RequestTiming]:
+    """Start each request at its arrival time on its own thread; wait for all; return their timings.
+
+    Pass `timings` (one fresh RequestTiming per trace request) to watch them fill in while this runs.
+    """
+    timings = timings if timings is not None else [RequestTiming(arrival=0.0) for _ in trace]
     errors: list[BaseException] = []
 
     def run(item: TraceRequest, timing: RequestTiming) -> None:

@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> dict:
         config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)
         with Engine(config) as engine:
             replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=args.prompt_len))  # warm-up
+            before = engine.stats.num_iterations
             summary = summarize(replay(engine, trace))
-            summary["iterations"] = len(engine.stats.iterations)
+            summary["iterations"] = engine.stats.num_iterations - before
             results["policies"][policy] = summary
             print(f"{policy:>7}: total {summary['total_s']:.2f}s  {summary['tokens_per_s']:.1f} tok/s  "
                   f"TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f}ms p99 {summary['ttft_p99_s'] * 1e3:.0f}ms", flush=True)
