@@ -34,3 +34,9 @@ clean:
 
 demo: setup
 	$(PY) -m clients.demo
+
+bench: setup
+	$(PY) -m benchmarks.experiments
+
+bench-quick: setup
+	$(PY) -m benchmarks.experiments --quick --out benchmarks/results/quick

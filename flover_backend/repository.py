@@ -12,19 +12,24 @@ _PARAMETER = 'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }
 
 
 def derive_repository(dest: Path, models: list[str] | None = None, settings: dict[str, str] | None = None,
-                      instance_counts: dict[str, int] | None = None, source: Path = DEFAULT_REPOSITORY) -> Path:
-    """Copy `models` (default: all) of `source` to `dest`, applying engine `settings` to every copied model."""
+                      instance_counts: dict[str, int] | None = None, source: Path = DEFAULT_REPOSITORY,
+                      variants: dict[str, tuple[str, dict[str, str]]] | None = None) -> Path:
+    """Copy `models` (default: all) of `source` to `dest`, applying engine `settings` to every copied model.
+
+    `variants` adds models under new names: {new name: (model of `source`, its own extra settings)}.
+    """
     models = models or sorted(p.name for p in source.iterdir() if (p / "config.pbtxt").is_file())
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in models:
-        if not (source / name / "config.pbtxt").is_file():
-            raise FileNotFoundError(f"no model {name!r} in {source}")
-        shutil.copytree(source / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copies = {name: (name, {}) for name in models} | (variants or {})
+    for name, (base, extra) in copies.items():
+        if not (source / base / "config.pbtxt").is_file():
+            raise FileNotFoundError(f"no model {base!r} in {source}")
+        shutil.copytree(source / base, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         config_path = dest / name / "config.pbtxt"
         text = config_path.read_text()
-        for key, value in (settings or {}).items():
+        for key, value in ((settings or {}) | extra).items():
             text = set_parameter(text, key, str(value))
         if instance_counts and name in instance_counts:
             text = re.sub(r"count: \d+", f"count: {instance_counts[name]}", text)

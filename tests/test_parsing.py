@@ -66,8 +66,11 @@ def test_bad_inputs_name_their_field(inputs, field):
 def test_derive_repository_overrides_parameters_and_counts(tmp_path):
     repo = derive_repository(tmp_path / "repo", models=["flover", "flover_instances"],
                              settings={"model": "builtin:tiny", "max_num_seqs": 8},
-                             instance_counts={"flover_instances": 2})
-    assert sorted(p.name for p in repo.iterdir()) == ["flover", "flover_instances"]
+                             instance_counts={"flover_instances": 2},
+                             variants={"flover_nocompact": ("flover", {"compaction": "false"})})
+    assert sorted(p.name for p in repo.iterdir()) == ["flover", "flover_instances", "flover_nocompact"]
+    variant = (repo / "flover_nocompact" / "config.pbtxt").read_text()
+    assert 'key: "compaction" value: { string_value: "false" }' in variant and "builtin:tiny" in variant
     config = (repo / "flover" / "config.pbtxt").read_text()
     assert 'key: "model" value: { string_value: "builtin:tiny" }' in config
     assert 'key: "max_num_seqs" value: { string_value: "8" }' in config and "builtin:small" not in config

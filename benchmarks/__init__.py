@@ -1,0 +1,1 @@
+"""Benchmarks that reproduce the seed paper's experiments through the real server."""

@@ -1,0 +1,172 @@
+"""The seed's experiments through the real server, every policy on the same trace: `make bench` / `make bench-quick`.
+
+Scaled to a 2-core CPU: the seed's A100 runs use 32 requests of up to 1024 tokens on Llama-7B/65B; here the
+model is the built-in `small` (~110M parameters, fp32), generation lengths are 32-128 tokens and arrival
+gaps are tens of milliseconds, so that one decode step (~35-110 ms) and one arrival gap are of the same
+order, as a 7B model's step and the seed's arrival gaps are on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.report import write_report
+from clients.loadgen import replay, triton_sender
+from flover_backend.repository import derive_repository
+from flover_backend.serve import TritonServer, find_free_port
+from flover_backend.workload import RequestTiming, make_trace, summarize
+
+POLICY_MODELS = {"fused": "flover", "window": "flover_window", "instances": "flover_instances"}
+
+
+@dataclass
+class Scale:
+    """How big each experiment is: the full run and the quick CI run differ only here."""
+
+    model: str
+    request_counts: list[int]
+    interval_ms: float
+    gen_len: int
+    in_flight: list[int]
+    poisson_requests: int
+    poisson_gaps_ms: list[float]
+    uniform_highs: list[int]
+    num_instances: int
+
+
+FULL = Scale("builtin:small", [1, 2, 4, 8, 16, 32], 50.0, 64, [1, 8, 32], 32, [25.0, 100.0, 400.0], [32, 128], 4)
+QUICK = Scale("builtin:tiny", [1, 4, 8], 20.0, 16, [1, 8], 8, [20.0, 80.0], [16, 48], 2)
+
+
+class Bench:
+    """One server with every model; runs traces against them and reads their metrics."""
+
+    def __init__(self, server: TritonServer, show_progress: bool):
+        self.server = server
+        self.show_progress = show_progress
+
+    def run(self, model: str, trace, label: str) -> tuple[list[RequestTiming], dict]:
+        """Replay `trace` against `model`; return the timings and the summary with the model's iterations."""
+        before = self.metric("flover_iterations_total", model)
+        moved_before = self.metric("flover_compaction_bytes_total", model)
+        timings = replay(trace, triton_sender(self.server.grpc_url, model), label=label,
+                         show_progress=self.show_progress)
+        time.sleep(0.1)  # metrics are published every few tens of milliseconds
+        summary = summarize(timings) | {
+            "iterations": self.metric("flover_iterations_total", model) - before,
+            "compaction_bytes": self.metric("flover_compaction_bytes_total", model) - moved_before,
+            "overlap": overlap(timings),
+        }
+        print(f"  {label:<28} total {summary['total_s']:7.2f}s  {summary['tokens_per_s']:7.1f} tok/s  "
+              f"TTFT p50 {summary['ttft_p50_s'] * 1e3:6.0f} ms  iterations {summary['iterations']:.0f}", flush=True)
+        return timings, summary
+
+    def metric(self, name: str, model: str) -> float:
+        """Sum of one metric over the model's instances."""
+        text = urllib.request.urlopen(self.server.metrics_url, timeout=10).read().decode()
+        pattern = rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$'
+        return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
+def overlap(timings: list[RequestTiming]) -> float:
+    """Share of requests whose generation (first token to end) overlapped another request's."""
+    spans = [(t.token_times[0], t.end) for t in timings]
+    fused = sum(any(a < e2 and a2 < e for j, (a2, e2) in enumerate(spans) if j != i) for i, (a, e) in enumerate(spans))
+    return fused / len(spans)
+
+
+def scaling(bench: Bench, scale: Scale) -> dict:
+    """Experiment 1: N requests at a constant interval, total time per policy and fused's speedup."""
+    rows = []
+    for n in scale.request_counts:
+        trace = make_trace(n, interval_s=scale.interval_ms / 1000, gen_len=(scale.gen_len,) * 2, seed=n)
+        totals = {policy: bench.run(model, trace, f"exp1 N={n} {policy}")[1]["total_s"]
+                  for policy, model in POLICY_MODELS.items()}
+        rows.append({"num_requests": n, "total_s": totals,
+                     "speedup_vs": {p: totals[p] / totals["fused"] for p in totals if p != "fused"}})
+    return {"rows": rows}
+
+
+def slowdown(bench: Bench, scale: Scale) -> dict:
+    """Experiment 2: decode throughput and per-request slowdown against a request alone, by requests in flight."""
+    rows = []
+    for n in scale.in_flight:
+        trace = make_trace(n, interval_s=0.0, gen_len=(2 * scale.gen_len,) * 2, seed=100 + n)
+        _, summary = bench.run("flover", trace, f"exp2 {n} in flight")
+        rows.append({"in_flight": n, "tokens_per_s": summary["tokens_per_s"], "tpot_p50_s": summary["tpot_p50_s"]})
+    alone = rows[0]["tpot_p50_s"]
+    for row in rows:
+        row["slowdown"] = row["tpot_p50_s"] / alone - 1
+    return {"rows": rows}
+
+
+def poisson(bench: Bench, scale: Scale) -> tuple[dict, dict]:
+    """Experiment 3: Poisson arrivals at several mean gaps; also returns the heaviest trace's timings (Exp 5)."""
+    rows, heavy = [], {}
+    for gap in scale.poisson_gaps_ms:
+        trace = make_trace(scale.poisson_requests, mean_gap_s=gap / 1000, gen_len=(scale.gen_len,) * 2, seed=7)
+        row = {"mean_gap_ms": gap}
+        for policy, model in POLICY_MODELS.items():
+            timings, summary = bench.run(model, trace, f"exp3 gap={gap:.0f}ms {policy}")
+            row[policy] = {k: summary[k] for k in ("total_s", "iterations", "overlap", "tokens_per_s", "ttft_p50_s")}
+            if gap == min(scale.poisson_gaps_ms):
+                heavy[policy] = [asdict(t) for t in timings]
+        row["speedup_vs"] = {p: row[p]["total_s"] / row["fused"]["total_s"] for p in POLICY_MODELS if p != "fused"}
+        rows.append(row)
+    return {"rows": rows}, heavy
+
+
+def uneven_lengths(bench: Bench, scale: Scale) -> dict:
+    """Experiment 4: lengths ~ U(a, b): compaction on vs off vs dynamic batching; bytes moved and their cost."""
+    rows = []
+    models = {"fused": "flover", "fused_no_compaction": "flover_nocompact", "window": "flover_window"}
+    for high in scale.uniform_highs:
+        trace = make_trace(scale.poisson_requests, interval_s=scale.interval_ms / 2000, gen_len=(8, high), seed=high)
+        row = {"gen_len": [8, high]}
+        for policy, model in models.items():
+            _, summary = bench.run(model, trace, f"exp4 U(8,{high}) {policy}")
+            row[policy] = {k: summary[k] for k in ("total_s", "iterations", "compaction_bytes", "tokens_per_s")}
+        rows.append(row)
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start one server with every policy, run the experiments, write JSON, Markdown and plots."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small CI variant (tiny model, few requests)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    name = "quick" if args.quick else "experiments"
+    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp:
+        repo = derive_repository(Path(tmp) / "repo", settings={"model": scale.model},
+                                 instance_counts={"flover_instances": scale.num_instances},
+                                 variants={"flover_nocompact": ("flover", {"compaction": "false"})})
+        ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+        print(f"starting tritonserver with {scale.model} (flover, flover_window, flover_nocompact, "
+              f"{scale.num_instances} x flover_instances)...", flush=True)
+        with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
+            bench = Bench(server, show_progress=not args.quick)
+            warm = make_trace(2, interval_s=0.0, gen_len=(4, 4))
+            for model in [*POLICY_MODELS.values(), "flover_nocompact"]:
+                replay(warm, triton_sender(server.grpc_url, model), show_progress=False)
+            results = {"scale": asdict(scale), "exp1_scaling": scaling(bench, scale),
+                       "exp2_slowdown": slowdown(bench, scale)}
+            results["exp3_poisson"], results["exp5_heavy_trace"] = poisson(bench, scale)
+            results["exp4_uneven_lengths"] = uneven_lengths(bench, scale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    summary_line = write_report(results, args.out, name)
+    print(summary_line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Markdown tables and plots of the experiments' results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
+
+POLICIES = ("fused", "window", "instances")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows), ""]
+
+
+def write_report(results: dict, out_dir: Path, name: str) -> str:
+    """Write `<name>.md` and `<name>_*.png` into `out_dir`; return a one-line summary."""
+    lines = [f"# Experiments ({results['scale']['model']})", ""]
+    exp1 = results["exp1_scaling"]["rows"]
+    lines += ["## 1. N requests at a constant interval: total time (s) and speedup of fused", ""]
+    lines += _table(["N", *POLICIES, "fused vs window", "fused vs instances"],
+                    [[r["num_requests"], *(f"{r['total_s'][p]:.2f}" for p in POLICIES),
+                      f"{r['speedup_vs']['window']:.2f}x", f"{r['speedup_vs']['instances']:.2f}x"] for r in exp1])
+    exp2 = results["exp2_slowdown"]["rows"]
+    lines += ["## 2. Throughput and per-request slowdown against a request alone (fused)", ""]
+    lines += _table(["in flight", "tokens/s", "time per token p50 (ms)", "slowdown"],
+                    [[r["in_flight"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_p50_s'] * 1e3:.1f}",
+                      f"{r['slowdown'] * 100:+.0f}%"] for r in exp2])
+    exp3 = results["exp3_poisson"]["rows"]
+    lines += ["## 3. Poisson arrivals: iterations, overlap, total time and speedup of fused", ""]
+    lines += _table(["mean gap (ms)", *(f"{p} iterations" for p in POLICIES), "fused overlap",
+                     *(f"{p} total (s)" for p in POLICIES), "fused vs window", "fused vs instances"],
+                    [[f"{r['mean_gap_ms']:.0f}", *(f"{r[p]['iterations']:.0f}" for p in POLICIES),
+                      f"{r['fused']['overlap'] * 100:.0f}%", *(f"{r[p]['total_s']:.2f}" for p in POLICIES),
+                      f"{r['speedup_vs']['window']:.2f}x", f"{r['speedup_vs']['instances']:.2f}x"] for r in exp3])
+    exp4 = results["exp4_uneven_lengths"]["rows"]
+    variants = ("fused", "fused_no_compaction", "window")
+    lines += ["## 4. Lengths ~ U(a, b): compaction on vs off vs dynamic batching", ""]
+    lines += _table(["U(a, b)", *(f"{v} total (s)" for v in variants), *(f"{v} iterations" for v in variants),
+                     "bytes moved by compaction"],
+                    [[f"U({r['gen_len'][0]}, {r['gen_len'][1]})", *(f"{r[v]['total_s']:.2f}" for v in variants),
+                      *(f"{r[v]['iterations']:.0f}" for v in variants), f"{r['fused']['compaction_bytes'] / 1e6:.1f} MB"]
+                     for r in exp4])
+    heavy = results["exp5_heavy_trace"]
+    lines += ["## 5. The heaviest Poisson trace over time", "",
+              f"![cumulative tokens]({name}_cumulative_tokens.png) ![in flight]({name}_in_flight.png)", ""]
+    _plot_over_time(heavy, out_dir, name)
+    _plot_scaling(exp1, out_dir, name)
+    lines += [f"![total time vs N]({name}_scaling.png)", ""]
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    last = exp1[-1]
+    return (f"{name}: N={last['num_requests']} fused {last['total_s']['fused']:.1f}s, "
+            f"{last['speedup_vs']['instances']:.1f}x faster than instances, {last['speedup_vs']['window']:.1f}x than "
+            f"window; results in {out_dir / (name + '.md')}")
+
+
+def _plot_over_time(heavy: dict[str, list[dict]], out_dir: Path, name: str) -> None:
+    """The seed's Fig. 6: cumulative tokens over time, and requests in flight over time, per policy."""
+    start = min(t["arrival"] for timings in heavy.values() for t in timings)
+    fig_tokens, ax_tokens = plt.subplots(figsize=(6, 4))
+    fig_flight, ax_flight = plt.subplots(figsize=(6, 4))
+    for policy, timings in heavy.items():
+        times = sorted(x - start for t in timings for x in t["token_times"])
+        ax_tokens.plot(times, range(1, len(times) + 1), label=policy)
+        events = sorted([(t["arrival"] - start, 1) for t in timings] + [(t["end"] - start, -1) for t in timings])
+        level, xs, ys = 0, [0.0], [0]
+        for at, step in events:
+            level += step
+            xs.append(at)
+            ys.append(level)
+        ax_flight.step(xs, ys, where="post", label=policy)
+    ax_tokens.set(xlabel="seconds", ylabel="tokens generated", title="Cumulative tokens")
+    ax_flight.set(xlabel="seconds", ylabel="requests in flight", title="Requests in flight")
+    for fig, ax, suffix in ((fig_tokens, ax_tokens, "cumulative_tokens"), (fig_flight, ax_flight, "in_flight")):
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}_{suffix}.png", dpi=100)
+        plt.close(fig)
+
+
+def _plot_scaling(rows: list[dict], out_dir: Path, name: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = [r["num_requests"] for r in rows]
+    for policy in POLICIES:
+        ax.plot(counts, [r["total_s"][policy] for r in rows], marker="o", label=policy)
+    ax.set(xlabel="requests (constant interval)", ylabel="total time (s)", xscale="log", yscale="log",
+           title="Total time vs number of requests")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}_scaling.png", dpi=100)
+    plt.close(fig)
