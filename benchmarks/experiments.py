@@ -19,6 +19,9 @@ from pathlib import Path
 
 from benchmarks.report import write_report
 from clients.loadgen import replay, triton_sender
+from flover_backend import Engine, EngineConfig
+from flover_backend.inprocess_bench import decode_sweep
+from flover_backend.inprocess_bench import replay as inprocess_replay
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer, find_free_port
 from flover_backend.workload import RequestTiming, make_trace, summarize
@@ -137,6 +140,23 @@ def uneven_lengths(bench: Bench, scale: Scale) -> dict:
     return {"rows": rows}
 
 
+def overhead(bench: Bench, scale: Scale) -> dict:
+    """Triton's own cost: the same trace in-process and through the server; plus the decode step vs its floor."""
+    n = min(scale.in_flight[-1], 16)
+    trace = make_trace(n, interval_s=0.0, gen_len=(2 * scale.gen_len,) * 2, seed=3)
+    config = EngineConfig(model=scale.model, max_num_seqs=32, max_model_len=512)
+    with Engine(config) as engine:
+        inprocess_replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4)))  # warm-up
+        in_process = summarize(inprocess_replay(engine, trace))
+        print(f"  {'in-process ' + str(n) + ' streams':<28} total {in_process['total_s']:7.2f}s  "
+              f"{in_process['tokens_per_s']:7.1f} tok/s", flush=True)
+        steps = decode_sweep(engine, [1, 32])
+    _, server = bench.run("flover", trace, f"server {n} streams")
+    return {"streams": n, "in_process_tokens_per_s": in_process["tokens_per_s"],
+            "server_tokens_per_s": server["tokens_per_s"],
+            "server_over_in_process": server["tokens_per_s"] / in_process["tokens_per_s"], "decode_steps": steps}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start one server with every policy, run the experiments, write JSON, Markdown and plots."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                        "exp2_slowdown": slowdown(bench, scale)}
             results["exp3_poisson"], results["exp5_heavy_trace"] = poisson(bench, scale)
             results["exp4_uneven_lengths"] = uneven_lengths(bench, scale)
+            results["overhead"] = overhead(bench, scale)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     summary_line = write_report(results, args.out, name)

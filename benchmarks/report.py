@@ -45,6 +45,14 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
                     [[f"U({r['gen_len'][0]}, {r['gen_len'][1]})", *(f"{r[v]['total_s']:.2f}" for v in variants),
                       *(f"{r[v]['iterations']:.0f}" for v in variants), f"{r['fused']['compaction_bytes'] / 1e6:.1f} MB"]
                      for r in exp4])
+    over = results["overhead"]
+    lines += ["## Triton's own overhead and the decode step against this machine's floor", "",
+              (f"{over['streams']} concurrent streams: in-process {over['in_process_tokens_per_s']:.1f} tok/s, "
+               f"through Triton {over['server_tokens_per_s']:.1f} tok/s "
+               f"(ratio {over['server_over_in_process']:.3f})."), ""]
+    lines += _table(["batch", "decode step (ms)", "floor (ms)", "step / floor"],
+                    [[r["batch_size"], f"{r['step_s'] * 1e3:.1f}", f"{r['floor_s'] * 1e3:.1f}", f"{r['ratio']:.2f}"]
+                     for r in over["decode_steps"]])
     heavy = results["exp5_heavy_trace"]
     lines += ["## 5. The heaviest Poisson trace over time", "",
               f"![cumulative tokens]({name}_cumulative_tokens.png) ![in flight]({name}_in_flight.png)", ""]

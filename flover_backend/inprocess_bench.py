@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{policy:>7}: total {summary['total_s']:.2f}s  {summary['tokens_per_s']:.1f} tok/s  "
                   f"TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f}ms p99 {summary['ttft_p99_s'] * 1e3:.0f}ms", flush=True)
             if policy == "fused":
-                results["decode_steps"] = _decode_sweep(engine, args.batch_sizes)
+                results["decode_steps"] = decode_sweep(engine, args.batch_sizes)
     fused = results["policies"].get("fused")
     if fused:
         results["speedup_of_fused"] = {p: s["total_s"] / fused["total_s"] for p, s in results["policies"].items()}
@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
+def decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
+    """Decode step time at each batch size next to this machine's floor for the model, printed and returned."""
     weight_bytes, num_params = weight_footprint(engine.runner.model)
     bandwidth, flops = memory_bandwidth(), matmul_rate()
     rows = []
