@@ -75,7 +75,7 @@ class ModelRunner:
             token_ids[request.row] = request.last_token_id
             context_lens[request.row] = request.num_cached_tokens
         input_ids = torch.tensor(token_ids, device=self.device)[:, None]
-        batch = ForwardBatch.decode(slice(0, span), torch.tensor(context_lens, device=self.device))
+        batch = ForwardBatch.decode(slice(0, span), torch.tensor(context_lens, device=self.device), self.dtype)
         hidden = self.model(input_ids, batch, self.arena.tensor)[:, 0]  # (span, hidden)
         if span != len(requests):
             hidden = hidden[torch.tensor([request.row for request in requests], device=self.device)]

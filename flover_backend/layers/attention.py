@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,29 @@ class ForwardBatch:
     positions: torch.Tensor  # (B, T) long: absolute position of each input token
     is_prefill: bool
     write_pos: torch.Tensor | None = None  # decode: (B,) long
-    key_mask: torch.Tensor | None = None  # decode: (B, 1, 1, S) bool
+    key_bias: torch.Tensor | None = None  # decode: (B, 1, 1, S) 0 where a row may attend, -inf elsewhere
     last_index: torch.Tensor | None = None  # prefill: (B,) index of each prompt's last token
+    _write_index: dict = field(default_factory=dict)  # decode: flat arena offsets, built once per step
 
     @property
     def num_key_positions(self) -> int:
         """How many cached positions a decode step reads per row."""
-        assert self.key_mask is not None
-        return self.key_mask.shape[-1]
+        assert self.key_bias is not None
+        return self.key_bias.shape[-1]
+
+    def write_index(self, k_cache: torch.Tensor) -> torch.Tensor:
+        """(B * nkv,) offsets of each row's new position in a layer's cache viewed as (-1, hd).
+
+        Every layer's cache has the same shape, so the first layer builds them and the rest reuse them.
+        """
+        key = tuple(k_cache.shape)
+        if key not in self._write_index:
+            _, num_kv_heads, max_len, _ = k_cache.shape
+            rows = torch.arange(self.rows.start, self.rows.start + len(self.write_pos), device=self.write_pos.device)
+            heads = torch.arange(num_kv_heads, device=self.write_pos.device)
+            offsets = (rows[:, None] * num_kv_heads + heads[None, :]) * max_len + self.write_pos[:, None]
+            self._write_index[key] = offsets.reshape(-1)
+        return self._write_index[key]
 
     @classmethod
     def prefill(cls, rows: slice | torch.Tensor, prompt_lens: list[int], device: torch.device) -> ForwardBatch:
@@ -40,13 +55,14 @@ class ForwardBatch:
         return cls(rows=rows, positions=positions, is_prefill=True, last_index=last_index)
 
     @classmethod
-    def decode(cls, rows: slice, context_lens: torch.Tensor) -> ForwardBatch:
+    def decode(cls, rows: slice, context_lens: torch.Tensor, dtype: torch.dtype = torch.float32) -> ForwardBatch:
         """A batch that appends one token per row at position `context_lens[b]` (0 for a hole)."""
         num_keys = int(context_lens.max()) + 1
         key_range = torch.arange(num_keys, device=context_lens.device)
-        key_mask = (key_range[None, :] <= context_lens[:, None])[:, None, None, :]
+        hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
+        key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
-                   write_pos=context_lens, key_mask=key_mask)
+                   write_pos=context_lens, key_bias=key_bias)
 
 
 def arena_attention(
@@ -65,11 +81,25 @@ def arena_attention(
         v_cache[batch.rows, :, :num_tokens] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
-    rows_k, rows_v = k_cache[batch.rows], v_cache[batch.rows]  # views: writes land in the arena
-    batch_index = torch.arange(k.shape[0], device=k.device)
-    rows_k[batch_index, :, batch.write_pos] = k[:, :, 0]
-    rows_v[batch_index, :, batch.write_pos] = v[:, :, 0]
+    head_dim = k.shape[-1]
+    index = batch.write_index(k_cache)
+    k_cache.view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
+    v_cache.view(-1, head_dim).index_copy_(0, index, v.reshape(-1, head_dim))
     num_keys = batch.num_key_positions
-    return F.scaled_dot_product_attention(
-        q, rows_k[:, :, :num_keys], rows_v[:, :, :num_keys], attn_mask=batch.key_mask, enable_gqa=gqa
-    )
+    keys = k_cache[batch.rows, :, :num_keys]  # (B, nkv, S, hd) views of the arena, no copy
+    values = v_cache[batch.rows, :, :num_keys]
+    return decode_attention(q, keys, values, batch.key_bias)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """One query per row against its cached keys, as two batched matmuls.
+
+    For a single query position this beats SDPA's CPU flash kernel (measured ~25% here), and grouping
+    the query heads that share a KV head as rows of one matmul handles GQA without repeating the cache.
+    """
+    batch_size, num_heads, _, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    grouped = q.reshape(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, nkv, g, hd)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(head_dim**-0.5).add_(key_bias)  # (B, nkv, g, S)
+    out = torch.matmul(scores.softmax(dim=-1), values)  # (B, nkv, g, hd)
+    return out.reshape(batch_size, num_heads, 1, head_dim)
