@@ -40,3 +40,7 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.experiments --quick --out benchmarks/results/quick
+
+# perf_analyzer against the server `make serve` started (another terminal).
+perf: setup
+	$(PY) -m benchmarks.peers

@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.peers import against_vllm, perf_reports
 from benchmarks.report import write_report
 from clients.loadgen import replay, triton_sender
 from flover_backend import Engine, EngineConfig
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
     name = "quick" if args.quick else "experiments"
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp:
         repo = derive_repository(Path(tmp) / "repo", settings={"model": scale.model},
                                  instance_counts={"flover_instances": scale.num_instances},
@@ -182,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             results["exp3_poisson"], results["exp5_heavy_trace"] = poisson(bench, scale)
             results["exp4_uneven_lengths"] = uneven_lengths(bench, scale)
             results["overhead"] = overhead(bench, scale)
-    args.out.mkdir(parents=True, exist_ok=True)
+            results["perf_analyzer_requests_per_s"] = perf_reports(
+                server.grpc_url, [*POLICY_MODELS.values()], args.out, max_tokens=scale.gen_len,
+                concurrency=scale.in_flight[-1], request_count=2 * scale.in_flight[-1])
+            if not args.quick:
+                results["exp6_vs_vllm"] = against_vllm(bench)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     summary_line = write_report(results, args.out, name)
     print(summary_line)

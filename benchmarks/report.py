@@ -53,6 +53,18 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     lines += _table(["batch", "decode step (ms)", "floor (ms)", "step / floor"],
                     [[r["batch_size"], f"{r['step_s'] * 1e3:.1f}", f"{r['floor_s'] * 1e3:.1f}", f"{r['ratio']:.2f}"]
                      for r in over["decode_steps"]])
+    if "exp6_vs_vllm" in results:
+        peer = results["exp6_vs_vllm"]
+        lines += [(f"## 6. Against vLLM's CPU build: {peer['num_requests']} streams x {peer['gen_len']} tokens, "
+                   "same checkpoint, same trace, alternating runs"), ""]
+        lines += _table(["server", "run", "tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "time per token p50 (ms)"],
+                        [[name, i + 1, f"{r['tokens_per_s']:.1f}", f"{r['ttft_p50_s'] * 1e3:.0f}",
+                          f"{r['ttft_p99_s'] * 1e3:.0f}", f"{r['tpot_p50_s'] * 1e3:.1f}"]
+                         for name, side in peer["runs"].items() for i, r in enumerate(side)])
+        lines += [f"Best run over best run: flover / vLLM = {peer['flover_over_vllm']:.2f}.", ""]
+    lines += ["## perf_analyzer (streaming over gRPC, requests/s)", "",
+              ", ".join(f"{m}: {v:.2f}" for m, v in results["perf_analyzer_requests_per_s"].items())
+              + " (full reports: `perf_<model>.txt`).", ""]
     heavy = results["exp5_heavy_trace"]
     lines += ["## 5. The heaviest Poisson trace over time", "",
               f"![cumulative tokens]({name}_cumulative_tokens.png) ![in flight]({name}_in_flight.png)", ""]
