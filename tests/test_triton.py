@@ -2,6 +2,7 @@
 
 import queue
 import re
+import subprocess
 import threading
 import time
 import urllib.request
@@ -18,7 +19,7 @@ from clients.triton_stream import (
     stream_grpc,
     stream_http,
 )
-from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend import Engine, EngineConfig, SamplingParams, perf
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer, find_free_port
 
@@ -158,3 +159,14 @@ def test_metrics_count_iterations_tokens_and_ttft(server):
     assert metric(server, "flover_iteration_seconds_count") >= 5
     assert metric(server, "flover_requests_waiting") == 0
     assert metric(server, "flover_compaction_bytes_total") >= 0
+
+
+def test_perf_analyzer_streams_against_flover(server, tmp_path):
+    data = perf.write_input_data(tmp_path / "input.json",
+                                 [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True]}])
+    command = perf.perf_analyzer_command("flover", server.grpc_url, 4, data, 5000, request_count=16)
+    done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (throughput,) = perf.parse_throughput(done.stdout)
+    assert throughput > 0
