@@ -40,7 +40,7 @@ def ensure_vllm_venv() -> Path:
 
 def _imports_vllm(python: Path) -> bool:
     """Whether `import vllm` succeeds under `python`."""
-    return subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode == 0
+    return subprocess.run([str(python), "-c", "import vllm"], check=False, capture_output=True).returncode == 0
 
 
 def vllm_env(threads_bind: str, kvcache_gib: int) -> dict[str, str]:
@@ -62,10 +62,14 @@ def vllm_env(threads_bind: str, kvcache_gib: int) -> dict[str, str]:
 
 
 class VllmServer:
-    """vLLM's OpenAI-compatible server on 127.0.0.1:`port` for the HF checkpoint in `model_dir`."""
+    """vLLM's OpenAI-compatible server on 127.0.0.1:`port` for the HF checkpoint in `model_dir`.
+
+    The limits default to the `flover` model's (`model_repository/flover/config.pbtxt`), so both engines
+    run under the same batch and length caps.
+    """
 
     def __init__(self, model_dir: str | Path, served_model_name: str, port: int = 8100,
-                 max_model_len: int = 2048, max_num_seqs: int = 64, log_path: str | Path | None = None,
+                 max_model_len: int = 512, max_num_seqs: int = 32, log_path: str | Path | None = None,
                  startup_timeout_s: float = 900.0, threads_bind: str = "0-1", kvcache_gib: int = 2):
         self.model_dir = Path(model_dir)
         self.served_model_name = served_model_name
@@ -82,7 +86,7 @@ class VllmServer:
         """The URL that OpenAI clients take (no `/v1`)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> VllmServer:
+    def __enter__(self):  # unannotated: `-> VllmServer` is wrong for subclasses and Self needs 3.11
         """Start the server and wait until it answers `/health`."""
         python = ensure_vllm_venv() / "bin" / "python"
         # The `vllm` console script fails on the wheel's package metadata; the module runs fine.
@@ -94,7 +98,7 @@ class VllmServer:
         with open(self.log_path, "wb") as log:
             # Own session, so stopping reaches the engine-core process it forks as well.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=REPO_ROOT, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:
@@ -130,16 +134,11 @@ class VllmServer:
         """SIGINT (vLLM's clean shutdown), then SIGTERM, then SIGKILL, each to the whole process group."""
         if self.process is None:
             return
-        group = self.process.pid
         for sig, grace_s in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            _signal_group(group, sig)
-            try:
-                self.process.wait(grace_s)
+            _signal_group(self.process.pid, sig)
+            # The whole group, not just the server: its engine-core child outlives it by a second or two.
+            if _wait_group(self.process, grace_s):
                 break
-            except subprocess.TimeoutExpired:
-                continue
-        # The server can exit before its engine-core child; don't leave that behind.
-        _signal_group(group, signal.SIGKILL)
         self.process = None
 
 
@@ -149,3 +148,16 @@ def _signal_group(group: int, sig: signal.Signals) -> None:
         os.killpg(group, sig)
     except ProcessLookupError:
         pass
+
+
+def _wait_group(leader: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `leader` and every other process in its group to exit."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if leader.poll() is not None:  # reaped, so its zombie no longer holds the group open
+            try:
+                os.killpg(leader.pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.2)
+    return False

@@ -37,8 +37,11 @@ def triton_sender(url: str, model: str) -> Sender:
 def openai_sender(base_url: str, model: str) -> Sender:
     """Send a trace request to an OpenAI-compatible server (`/v1/completions`, streamed, token-id prompt)."""
     def send(item: TraceRequest, timing: RequestTiming) -> None:
+        # return_token_ids (a vLLM extension; others ignore it) counts tokens exactly even when the server
+        # merges several into one event or holds back text that ends mid-character.
         body = {"model": model, "prompt": list(item.prompt_token_ids), "max_tokens": item.max_tokens,
-                "min_tokens": item.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True}
+                "min_tokens": item.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+                "return_token_ids": True}
         request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
@@ -47,9 +50,11 @@ def openai_sender(base_url: str, model: str) -> Sender:
                     continue
                 event = json.loads(line[len(b"data:"):])
                 now = time.monotonic()
+                if not event.get("choices"):  # a usage-only chunk
+                    continue
                 choice = event["choices"][0]
-                if choice.get("text") is not None:
-                    timing.token_times.append(now)  # vLLM streams one token per event
+                ids = choice.get("token_ids")
+                timing.token_times.extend([now] * (len(ids) if ids is not None else int(choice.get("text") is not None)))
                 timing.finish_reason = choice.get("finish_reason") or timing.finish_reason
     return send
 
