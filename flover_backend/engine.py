@@ -165,6 +165,7 @@ class Engine:
         started = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule(time.monotonic())
+        self._publish_counts()
         for request in out.aborted:
             self._emit(request, [], "")
         if not out.scheduled:
@@ -176,20 +177,27 @@ class Engine:
             for request in out.scheduled:
                 request.error = f"{type(exc).__name__}: {exc}"
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            self._publish_counts()
+            for request in out.scheduled:
                 self._emit(request, [], "")
             return True
         self.scheduler.update_from_output(out, sampled)
-        for request in out.scheduled:
-            self._emit_tokens(request)
+        texts = [self._detokenize(request) for request in out.scheduled]
+        # Totals first, so whoever reads them on hearing of a finished request sees that request gone.
         self.stats.record(IterationRecord(
             time=time.monotonic(), seconds=time.perf_counter() - started, num_decode=len(out.decode),
             decode_span=out.decode_span, num_prefill=len(out.prefill), num_waiting=self.scheduler.num_waiting,
             num_moves=len(out.moves), moved_bytes=moved_bytes, compaction_seconds=timings.compaction,
             decode_seconds=timings.decode, prefill_seconds=timings.prefill,
         ))
+        self._publish_counts()
+        for request, text in zip(out.scheduled, texts):
+            self._emit(request, request.output_token_ids[-1:], text)
+        return True
+
+    def _publish_counts(self) -> None:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
-        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -204,15 +212,15 @@ class Engine:
                 self.scheduler.add_request(request)
             else:
                 self.scheduler.abort(payload)
-        self.stats.num_waiting = self.scheduler.num_waiting
+        self._publish_counts()
 
-    def _emit_tokens(self, request: Request) -> None:
-        """Detokenize the newest token, end the request on a stop string, and send its output."""
+    def _detokenize(self, request: Request) -> str:
+        """Text of the newest token that is safe to send; ends the request if a stop string appeared."""
         detokenizer = self._detokenizers[request.req_id]
         text, hit_stop = detokenizer.step(request.output_token_ids, request.status.finished)
         if hit_stop:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOP)
-        self._emit(request, request.output_token_ids[-1:], text)
+        return text
 
     def _emit(self, request: Request, new_token_ids: list[int], new_text: str) -> None:
         finished = request.status.finished

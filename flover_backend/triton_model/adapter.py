@@ -91,8 +91,11 @@ class TritonPythonModel:
     def _respond_loop(self) -> None:
         last_poll = 0.0
         while True:
+            # Idle, sleep until the engine says something: an idle model must cost the server nothing,
+            # since it shares the CPU with the models that are busy.
+            timeout = CANCEL_POLL_S if self._streams else None
             try:
-                item = self._outputs.get(timeout=CANCEL_POLL_S)
+                item = self._outputs.get(timeout=timeout)
             except queue.Empty:
                 item = None
             if item is _STOP:
@@ -101,7 +104,7 @@ class TritonPythonModel:
                 if item is not None:
                     self._send(*item)
                 now = time.monotonic()
-                if now - last_poll >= CANCEL_POLL_S:
+                if now - last_poll >= CANCEL_POLL_S or not self._streams:
                     last_poll = now
                     self._poll_cancellations()
                     self.metrics.update(self.engine.stats)

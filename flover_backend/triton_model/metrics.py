@@ -31,11 +31,15 @@ class EngineMetrics:
         self._seen_iterations = 0
         self._seen_tokens = 0
         self._seen_bytes = 0
+        self._seen_gauges = (-1, -1)
 
     def update(self, stats: EngineStats) -> None:
         """Bring every metric up to date with the engine's totals."""
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
+        gauges = (stats.num_running, stats.num_waiting)
+        if gauges != self._seen_gauges:  # each call is a round trip to the server: skip the unchanged
+            self.running.set(gauges[0])
+            self.waiting.set(gauges[1])
+            self._seen_gauges = gauges
         num_iterations, tokens, moved = stats.num_iterations, stats.num_generated_tokens, stats.compaction_bytes
         new = num_iterations - self._seen_iterations
         if new:
