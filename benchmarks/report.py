@@ -80,10 +80,10 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
 
 def _plot_over_time(heavy: dict[str, list[dict]], out_dir: Path, name: str) -> None:
     """The seed's Fig. 6: cumulative tokens over time, and requests in flight over time, per policy."""
-    start = min(t["arrival"] for timings in heavy.values() for t in timings)
     fig_tokens, ax_tokens = plt.subplots(figsize=(6, 4))
     fig_flight, ax_flight = plt.subplots(figsize=(6, 4))
     for policy, timings in heavy.items():
+        start = min(t["arrival"] for t in timings)  # each policy replayed the trace on its own clock
         times = sorted(x - start for t in timings for x in t["token_times"])
         ax_tokens.plot(times, range(1, len(times) + 1), label=policy)
         events = sorted([(t["arrival"] - start, 1) for t in timings] + [(t["end"] - start, -1) for t in timings])
