@@ -21,7 +21,8 @@ class Sampler:
         token_ids = logits.argmax(dim=-1).tolist()
         for i, request in enumerate(requests):
             if not request.params.greedy:
-                token_ids[i] = sample(logits[i].float(), request.params, self._generator(request))
+                # On the CPU with a CPU generator, so a seed gives the same tokens on any device.
+                token_ids[i] = sample(logits[i].float().cpu(), request.params, self._generator(request))
         return token_ids
 
     def release(self, req_id: str) -> None:

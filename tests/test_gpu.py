@@ -1,0 +1,63 @@
+"""The GPU path (marked `gpu`): skipped on machines without CUDA, run on a lent GPU with `pytest -m gpu`."""
+
+import queue
+
+import pytest
+import torch
+
+from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.layers.attention import ForwardBatch
+from flover_backend.models.loader import load_model, resolve_model_path
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+JOBS = [(prompt, SamplingParams(max_tokens=4 + 5 * (i % 3), ignore_eos=True))
+        for i, prompt in enumerate(["The quick brown fox", "Once upon a time", "a", "hello hello", "Zebras", "0123"])]
+
+
+def gpu_config(**overrides) -> EngineConfig:
+    return EngineConfig(**{"model": "builtin:tiny", "device": "cuda", "max_num_seqs": 3, "max_model_len": 96,
+                           **overrides})
+
+
+def run_all_at_once(config: EngineConfig) -> tuple[list[list[int]], int]:
+    """Submit every job before the first iteration; return each job's tokens and the bytes compacted."""
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    with Engine(config) as engine:
+        ids = [engine.add_request(prompt, params, on_output=outputs.put) for prompt, params in JOBS]
+        tokens: dict[str, list[int]] = {req_id: [] for req_id in ids}
+        finished = 0
+        while finished < len(ids):
+            output = outputs.get(timeout=120)
+            tokens[output.req_id].extend(output.new_token_ids)
+            finished += output.finished
+        return [tokens[req_id] for req_id in ids], engine.stats.compaction_bytes
+
+
+def test_logits_match_transformers_on_gpu():
+    transformers = pytest.importorskip("transformers")
+    path = resolve_model_path("builtin:tiny")
+    ours = load_model(path, torch.float32, torch.device("cuda"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]], device="cuda")
+    cfg = ours.config
+    kv = torch.zeros(cfg.num_layers, 2, 1, cfg.num_kv_heads, 32, cfg.head_dim, device="cuda")
+    with torch.inference_mode():
+        hidden = ours(ids, ForwardBatch.prefill(slice(0, 1), [ids.shape[1]], ids.device), kv)
+        torch.testing.assert_close(ours.compute_logits(hidden[0, -1:]), theirs(ids).logits[0, -1:].float(),
+                                   atol=1e-3, rtol=1e-3)
+
+
+def test_arena_is_cupy_on_gpu():
+    with Engine(gpu_config()) as engine:
+        assert type(engine.runner.arena.array).__module__.startswith("cupy")
+        assert engine.runner.arena.tensor.is_cuda
+
+
+def test_fused_with_compaction_equals_alone_and_equals_no_compaction():
+    fused, moved = run_all_at_once(gpu_config())
+    alone, _ = run_all_at_once(gpu_config(policy="solo"))
+    holes, _ = run_all_at_once(gpu_config(compaction=False))
+    assert moved > 0  # 6 jobs of different lengths through 3 rows: rows were compacted
+    assert fused == alone == holes
+    assert [len(t) for t in fused] == [p.max_tokens for _, p in JOBS]
