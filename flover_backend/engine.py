@@ -148,16 +148,22 @@ class Engine:
     # ----- the loop -----
 
     def _loop(self) -> None:
+        status, error = RequestStatus.FINISHED_ABORT, None
         try:
             while not self._stopping:
                 if not self.step():
                     wait = self.scheduler.seconds_until_admission(time.monotonic())
                     self._wakeup.wait(timeout=wait)
                     self._wakeup.clear()
+        except Exception as exc:  # a bug outside the forward: fail everyone clearly rather than hang them
+            logger.exception("the inference loop crashed")
+            status, error = RequestStatus.FINISHED_ERROR, f"the inference loop crashed: {type(exc).__name__}: {exc}"
         finally:
+            self._stopping = True  # from now on add_request refuses
             self._drain_inbox()
             for request in list(self.scheduler.waiting) + list(self.scheduler.running.values()):
-                self.scheduler.finish(request, RequestStatus.FINISHED_ABORT)
+                request.error = error
+                self.scheduler.finish(request, status)
                 self._emit(request, [], "")
 
     def step(self) -> bool:

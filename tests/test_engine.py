@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flover_backend import Engine, EngineConfig, InvalidRequestError, SamplingParams
+from flover_backend import Engine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
 from flover_backend.request import RequestStatus
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
@@ -166,3 +166,20 @@ def test_stop_aborts_everything_in_flight():
         last = outputs.get()
     assert last.finished and last.finish_reason == "abort"
     assert RequestStatus.FINISHED_ABORT.finish_reason == "abort"
+
+
+def test_crashed_loop_fails_requests_clearly_and_refuses_new_ones():
+    engine = Engine(engine_config())
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def broken_schedule(now):
+        raise RuntimeError("scheduler bug")
+
+    engine.scheduler.schedule = broken_schedule
+    engine.add_request("doomed", SamplingParams(max_tokens=5), on_output=outputs.put)
+    engine.start()
+    final = outputs.get(timeout=30)
+    assert final.finished and final.finish_reason == "error" and "scheduler bug" in final.error
+    with pytest.raises(EngineDeadError):
+        engine.add_request("late", on_output=outputs.put)
+    engine.stop()
