@@ -25,6 +25,7 @@ class EngineConfig:
     compaction: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     seed: int = 0  # seed for requests that ask for sampling without their own seed
+    tensor_parallel_size: int = 1  # ranks that split the model's heads and MLP columns
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -41,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"max_batch must be in [0, max_num_seqs={self.max_num_seqs}], got {self.max_batch}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

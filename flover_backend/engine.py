@@ -127,6 +127,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.runner.close()
 
     def __enter__(self):  # unannotated: typing.Self needs Python 3.11
         return self.start()
@@ -178,6 +179,8 @@ class Engine:
             return bool(out.aborted)
         try:
             sampled, moved_bytes, timings = self.runner.execute(out)
+        except EngineDeadError:  # a lost tensor-parallel rank: nothing more can run, so the loop ends
+            raise
         except Exception as exc:  # a failed forward fails its batch, never the loop
             logger.exception("iteration failed")
             for request in out.scheduled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,10 @@ from flover_backend.config import EngineConfig
 from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models.loader import load_model
-from flover_backend.request import Request
+from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
+from flover_backend.tensor_parallel import WorkerGroup, shard_llama
 
 
 @dataclass
@@ -27,13 +29,37 @@ class StepTimings:
     sampling: float = 0.0
 
 
-class ModelRunner:
-    """The only code that touches both the arena and the model."""
+@dataclass
+class StepPlan:
+    """One iteration in plain lists: what every tensor-parallel rank needs to run the same forwards."""
 
-    def __init__(self, config: EngineConfig, model_path: Path):
+    moves: list[RowMove]
+    decode_span: int  # the decode forward covers rows [0, decode_span)
+    decode_rows: list[int]  # the decoding requests' rows, in the order their tokens come back
+    decode_token_ids: list[int]
+    decode_context_lens: list[int]
+    prefill_rows: list[int]
+    prefill_prompts: list[list[int]]
+
+    @classmethod
+    def from_output(cls, out: SchedulerOutput) -> StepPlan:
+        """The plan for a scheduler decision."""
+        return cls(out.moves, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
+                   [r.num_cached_tokens for r in out.decode], [r.row for r in out.prefill],
+                   [r.prompt_token_ids for r in out.prefill])
+
+
+class ModelRunner:
+    """The only code that touches both the arena and the model; rank 0 also samples."""
+
+    def __init__(self, config: EngineConfig, model_path: Path, rank: int = 0):
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
+        world = config.tensor_parallel_size
         self.model = load_model(model_path, self.dtype, self.device)
+        if world > 1:
+            shard_llama(self.model, rank, world)  # first: a shape that cannot be split fails before any worker starts
+        self.workers = WorkerGroup(config, _free_port()) if world > 1 and rank == 0 else None
         if hasattr(self.model, "prepack"):
             self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
@@ -48,54 +74,82 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[int], int, StepTimings]:
         """Run one iteration; returns the sampled ids (aligned with `out.scheduled`), compaction bytes, timings."""
-        timings = StepTimings()
+        plan = StepPlan.from_output(out)
+        try:
+            if self.workers is not None:
+                self.workers.broadcast(plan)
+            hidden, moved_bytes, timings = self.run(plan)
+        except Exception:
+            if self.workers is not None:
+                self.workers.check(grace_s=5.0)  # a collective that failed because a rank died: say so
+            raise
         start = time.perf_counter()
-        moved_bytes = self.arena.apply_moves(out.moves)
-        timings.compaction = self._synced_clock() - start
-        hidden = []
-        if out.decode:
-            hidden.append(self._decode(out.decode, out.decode_span))
-        timings.decode = self._synced_clock() - start - timings.compaction
-        if out.prefill:
-            hidden.append(self._prefill(out.prefill))
-        timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
-        logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
-        sampled = self.sampler(logits, out.scheduled)
-        timings.sampling = time.perf_counter() - start - timings.compaction - timings.decode - timings.prefill
+        with torch.inference_mode():
+            sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
+        timings.sampling = time.perf_counter() - start
         return sampled, moved_bytes, timings
 
-    def _decode(self, requests: list[Request], span: int) -> torch.Tensor:
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, int, StepTimings]:
+        """Compact, decode, prefill: the hidden states to sample from (decode rows first), bytes moved, timings."""
+        timings = StepTimings()
+        start = time.perf_counter()
+        moved_bytes = self.arena.apply_moves(plan.moves)
+        timings.compaction = self._synced_clock() - start
+        hidden = []
+        if plan.decode_rows:
+            hidden.append(self._decode(plan))
+        timings.decode = self._synced_clock() - start - timings.compaction
+        if plan.prefill_rows:
+            hidden.append(self._prefill(plan))
+        timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
+        return (torch.cat(hidden) if len(hidden) > 1 else hidden[0]), moved_bytes, timings
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
+    def _decode(self, plan: StepPlan) -> torch.Tensor:
         """One forward over rows [0, span): the next token's hidden state for every running request."""
+        span = plan.decode_span
         token_ids = [0] * span  # holes (compaction off) run a dummy token that attends to position 0
         context_lens = [0] * span
-        for request in requests:
-            token_ids[request.row] = request.last_token_id
-            context_lens[request.row] = request.num_cached_tokens
+        for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
+            token_ids[row] = token_id
+            context_lens[row] = context_len
         input_ids = torch.tensor(token_ids, device=self.device)[:, None]
         batch = ForwardBatch.decode(slice(0, span), torch.tensor(context_lens, device=self.device), self.dtype)
         hidden = self.model(input_ids, batch, self.arena.tensor)[:, 0]  # (span, hidden)
-        if span != len(requests):
-            hidden = hidden[torch.tensor([request.row for request in requests], device=self.device)]
+        if span != len(plan.decode_rows):
+            hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]
         return hidden
 
-    def _prefill(self, requests: list[Request]) -> torch.Tensor:
+    def _prefill(self, plan: StepPlan) -> torch.Tensor:
         """Write the admitted prompts into their rows; returns each prompt's last hidden state."""
-        prompt_lens = [request.num_prompt_tokens for request in requests]
-        input_ids = torch.zeros(len(requests), max(prompt_lens), dtype=torch.long)
-        for i, request in enumerate(requests):
-            input_ids[i, : prompt_lens[i]] = torch.tensor(request.prompt_token_ids)
-        rows_list = [request.row for request in requests]
+        prompt_lens = [len(prompt) for prompt in plan.prefill_prompts]
+        input_ids = torch.zeros(len(prompt_lens), max(prompt_lens), dtype=torch.long)
+        for i, prompt in enumerate(plan.prefill_prompts):
+            input_ids[i, : prompt_lens[i]] = torch.tensor(prompt)
+        rows_list = plan.prefill_rows
         dense = rows_list == list(range(rows_list[0], rows_list[0] + len(rows_list)))
         rows = slice(rows_list[0], rows_list[-1] + 1) if dense else torch.tensor(rows_list, device=self.device)
         batch = ForwardBatch.prefill(rows, prompt_lens, self.device)
         hidden = self.model(input_ids.to(self.device), batch, self.arena.tensor)  # (B, T, hidden)
-        return hidden[torch.arange(len(requests), device=self.device), batch.last_index]
+        return hidden[torch.arange(len(prompt_lens), device=self.device), batch.last_index]
 
     def _synced_clock(self) -> float:
         """Wall time after the device has finished queued work, so phases are timed honestly on GPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _free_port() -> int:
+    """A TCP port on loopback that nothing listens on now, for the workers' rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

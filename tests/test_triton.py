@@ -1,8 +1,10 @@
 """The flover models served by a real tritonserver: streaming, errors, cancellation, metrics, baselines."""
 
 import json
+import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -33,7 +35,8 @@ PROMPT = "Temporal fusion on Triton"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, builtin_home):
     repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", settings=SETTINGS,
-                             instance_counts={"flover_instances": 2})
+                             instance_counts={"flover_instances": 2},
+                             variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2})})
     ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
@@ -55,7 +58,7 @@ def metric(server, name: str, model: str = "flover") -> float:
     return sum(values)
 
 
-@pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances"])
+@pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances", "flover_tp2"])
 def test_grpc_stream_equals_in_process_engine(server, reference, model):
     chunks = list(stream_grpc(server.grpc_url, model, text_input=PROMPT, max_tokens=24, ignore_eos=True))
     assert [t for c in chunks for t in c.token_ids] == reference[0]
@@ -184,3 +187,23 @@ def test_dropped_http_connection_cancels_generation(server):
     assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
     time.sleep(0.3)
     assert metric(server, "flover_generated_tokens_total") - before < 230  # stopped early, row freed
+
+
+def parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def test_lost_tensor_parallel_worker_fails_requests_clearly(server):
+    """Runs last: it leaves flover_tp2 without its second rank for good."""
+    stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 200, "ignore_eos": True}))
+    next(stream)
+    found = subprocess.run(["pgrep", "-f", "flover_backend.tensor_parallel"], capture_output=True, text=True,
+                           check=True)
+    (worker,) = [pid for pid in map(int, found.stdout.split()) if parent(parent(pid)) == server.process.pid]
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(ServerError, match="rank 1 exited"):
+        list(stream)
+    with pytest.raises(ServerError, match="stopped"):
+        list(stream_grpc(server.grpc_url, "flover_tp2", text_input="after", max_tokens=2))
+    chunks = list(stream_grpc(server.grpc_url, "flover", text_input="others unaffected", max_tokens=3))
+    assert sum(len(c.token_ids) for c in chunks) == 3
