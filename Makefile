@@ -44,3 +44,7 @@ bench-quick: setup
 # perf_analyzer against the server `make serve` started (another terminal).
 perf: setup
 	$(PY) -m benchmarks.peers
+
+# The lent-GPU script's code path on this CPU (tiny model); on a GPU run benchmarks/gpu_check.sh instead.
+gpu-check-smoke: setup
+	$(PY) -m benchmarks.gpu_check --smoke --out benchmarks/results/gpu-smoke

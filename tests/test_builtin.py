@@ -129,6 +129,14 @@ def test_small_shape_on_meta():
     assert (config.num_kv_heads, config.head_dim, config.max_position_embeddings) == (12, 64, 2048)
 
 
+def test_1b_shape_on_meta():
+    config = LlamaConfig.from_hf(builtin_config("1b"))
+    with torch.device("meta"):
+        model = Llama(config)
+    assert 1.0e9 < sum(p.numel() for p in model.parameters()) < 1.2e9
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (32, 4, 64)
+
+
 def test_tokenizer_layout(tokenizer, hf_tokenizer):
     assert tokenizer.get_vocab_size() == VOCAB_SIZE
     assert [tokenizer.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]

@@ -32,6 +32,10 @@ _SHAPES: dict[str, dict[str, Any]] = {
     "small": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
               "num_attention_heads": 12, "num_key_value_heads": 12, "tie_word_embeddings": True,
               "max_position_embeddings": 2048},
+    # TinyLlama-1.1B's shape, for GPU benchmarks (benchmarks/gpu_check.sh); ~4.4 GB to write in float32.
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False,
+           "max_position_embeddings": 2048},
 }
 # Weight std = gain / sqrt(fan_in), so both sizes get the same activation scales. Plain 0.02 gives flat
 # attention and a residual stream that stays close to the input token's embedding: greedy decoding then
@@ -46,7 +50,7 @@ LOGIT_STD = 3.0
 
 
 def builtin_config(name: str) -> dict[str, Any]:
-    """The `config.json` contents of built-in model `name` ('tiny' or 'small')."""
+    """The `config.json` contents of built-in model `name` ('tiny', 'small' or '1b')."""
     if name not in _SHAPES:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(_SHAPES)}")
     shape = _SHAPES[name]
