@@ -42,6 +42,15 @@ class RequestOutput:
 OutputCallback = Callable[[RequestOutput], None]
 
 
+def _until_finished(outputs: queue.SimpleQueue) -> Iterator[RequestOutput]:
+    """Outputs from the queue up to and including the final one."""
+    while True:
+        output = outputs.get()
+        yield output
+        if output.finished:
+            return
+
+
 class Engine:
     """Admit at every iteration boundary, decode every live request in one forward, compact, repeat."""
 
@@ -105,14 +114,10 @@ class Engine:
 
     def generate(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                  prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:
-        """Stream one request's outputs (the loop must be running)."""
+        """Submit one request now (errors raise here) and return an iterator over its outputs (needs the loop running)."""
         outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self.add_request(prompt, params, prompt_token_ids=prompt_token_ids, on_output=outputs.put)
-        while True:
-            output = outputs.get()
-            yield output
-            if output.finished:
-                return
+        return _until_finished(outputs)
 
     def start(self) -> Engine:
         """Start the loop thread."""
