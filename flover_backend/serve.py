@@ -223,12 +223,9 @@ class TritonServer:
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code} before it was ready\n"
                                         f"{self.log_excerpt()}")
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1.0) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet, or listening but models still loading (400)
+            # The metrics service starts listening after HTTP says ready: wait for both.
+            if _answers(f"{self.http_url}/v2/health/ready") and _answers(self.metrics_url):
+                return
             time.sleep(0.2)
         raise TritonServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f} s\n{self.log_excerpt()}")
 
@@ -278,6 +275,15 @@ class TritonServer:
         errors = [line for line in lines if re.match(r"E\d{4} |error:", line)]
         return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
                           f"--- last {num_lines} lines ---", *lines[-num_lines:]])
+
+
+def _answers(url: str) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False  # not listening yet, or listening but models still loading (400)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:

@@ -180,10 +180,14 @@ def test_perf_analyzer_streams_against_flover(server, tmp_path):
 def test_dropped_http_connection_cancels_generation(server):
     before = metric(server, "flover_generated_tokens_total")
     body = json.dumps({"text_input": "drop me", "max_tokens": 230, "ignore_eos": True}).encode()
-    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
         sock.sendall(b"POST /v2/models/flover/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        assert b"text_output" in sock.recv(65536)  # the first token arrived: generation is under way
+        received = b""
+        while b"text_output" not in received:  # until the first token arrives: generation is under way
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the stream before the first token"
+            received += chunk
     assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
     time.sleep(0.3)
     assert metric(server, "flover_generated_tokens_total") - before < 230  # stopped early, row freed
