@@ -19,7 +19,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from flover_backend.serve import pytriton_libs, work_dir
+from flover_backend.triton_env import pytriton_libs, work_dir
 
 # perf_analyzer's two libraries outside glibc, by soname, and the copies nvidia-pytriton vendors for its
 # own tritonserver (auditwheel renamed them). Linking to those spares apt's libb64-0d and a pip CUDA runtime.

@@ -3,154 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
-import site
 import socket
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from flover_backend.repository import derive_repository
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NGC_TRITON = Path("/opt/tritonserver")
-PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
-STUB = "triton_python_backend_stub"
+from flover_backend.triton_env import PROJECT_ROOT, server_command, server_env, work_dir
 
 
 class TritonServerError(RuntimeError):
     """tritonserver exited, or never became ready; the message carries the end of its log."""
-
-
-def work_dir() -> Path:
-    """Where the launcher keeps generated files: $FLOVER_HOME/triton, else .cache/flover/triton."""
-    if os.environ.get("FLOVER_HOME"):
-        return Path(os.environ["FLOVER_HOME"]) / "triton"
-    if (PROJECT_ROOT / "pyproject.toml").exists():  # a checkout, where /.cache/ is git-ignored
-        return PROJECT_ROOT / ".cache" / "flover" / "triton"
-    return Path.home() / ".cache" / "flover" / "triton"
-
-
-def in_ngc_container() -> bool:
-    """True inside NVIDIA's tritonserver image, whose own binary and backends we then use."""
-    return (NGC_TRITON / "bin" / "tritonserver").exists()
-
-
-def pytriton_dist() -> Path:
-    """The tritonserver distribution inside the installed nvidia-pytriton wheel."""
-    spec = importlib.util.find_spec("pytriton")  # finds without importing pytriton's heavy __init__
-    if spec is None or spec.origin is None:
-        raise TritonServerError("nvidia-pytriton is not installed: pip install -e '.[serve]'")
-    return Path(spec.origin).parent / "tritonserver"
-
-
-def pytriton_libs() -> Path:
-    """The shared libraries the wheel's tritonserver, stubs and perf_analyzer's deps are linked against."""
-    return pytriton_dist().parents[1] / "nvidia_pytriton.libs"
-
-
-def prepare_backend_dir(dest: Path | None = None) -> Path:
-    """Copy the python backend plus the stub built for this Python into `dest` once; return `dest`."""
-    if dest is None:
-        version = importlib.metadata.version("nvidia-pytriton")
-        dest = work_dir() / f"backends-pytriton{version}-py{PY_VERSION}"
-    dest = Path(dest)
-    if (dest / "python" / STUB).exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Build aside and rename into place, so concurrent launchers never see (or run) a half-copied stub.
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".backends-"))
-    shutil.copytree(pytriton_dist() / "backends" / "python", tmp / "python")
-    shutil.copy2(pytriton_dist() / "python_backend_stubs" / PY_VERSION / STUB, tmp / "python" / STUB)
-    try:
-        tmp.rename(dest)
-    except OSError:  # another launcher won the race; its copy is identical
-        shutil.rmtree(tmp)
-    return dest
-
-
-def prepare_stub_python(dest: Path | None = None) -> Path:
-    """Write a venv-shaped prefix for the backend stub's embedded Python; return its `bin` for PATH.
-
-    The stub starts Python in isolated mode (PyConfig_InitIsolatedConfig: PYTHONPATH is ignored) and
-    takes its prefix from the first `python3` on PATH. This prefix's pyvenv.cfg points at the running
-    interpreter's base install and its .pth puts the project root and this interpreter's site-packages
-    on the stub's sys.path, so model.py can `import flover_backend` and torch without being installed.
-    """
-    if dest is None:
-        dest = work_dir() / f"stub-python{PY_VERSION}-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"
-    dest = Path(dest)
-    site_dir = dest / "lib" / f"python{PY_VERSION}" / "site-packages"
-    site_dir.mkdir(parents=True, exist_ok=True)
-    (dest / "bin").mkdir(exist_ok=True)
-    python = dest / "bin" / "python3"
-    if not python.is_symlink():
-        python.symlink_to(sys.executable)
-    _write_if_changed(dest / "pyvenv.cfg", f"home = {Path(sys.base_prefix) / 'bin'}\n"
-                      "include-system-site-packages = false\n")
-    # addsitedir, not a plain path line, so the real site-packages' own .pth files (editable installs) run.
-    site_dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-    lines = [str(PROJECT_ROOT)] + [f"import site; site.addsitedir({d!r})" for d in site_dirs]
-    _write_if_changed(site_dir / "flover.pth", "\n".join(lines) + "\n")
-    return dest / "bin"
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Replace `path` atomically, and only when its text differs (a running server may be reading it)."""
-    if path.exists() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def server_env(stub_bin: Path | None = None) -> dict[str, str]:
-    """The environment tritonserver runs in: its libraries and the Python its backend stub embeds."""
-    env = dict(os.environ)
-    libs = []
-    # The stub links libpython3.X.so.1.0 by name; load the running interpreter's, whose stdlib the stub
-    # will use, rather than a system copy of another patch release (Debian's 3.11.2 vs pyenv's 3.11.7).
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and (Path(libdir) / str(sysconfig.get_config_var("INSTSONAME"))).exists():
-        libs.append(libdir)
-    if not in_ngc_container():
-        libs.append(str(pytriton_libs()))
-    if env.get("LD_LIBRARY_PATH"):
-        libs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = ":".join(libs)
-    env["PATH"] = f"{stub_bin or prepare_stub_python()}{os.pathsep}{env.get('PATH', os.defpath)}"
-    return env
-
-
-def server_command(model_repository: str | Path, http_port: int = 8000, grpc_port: int = 8001,
-                   metrics_port: int = 8002, host: str = "127.0.0.1", backend_dir: Path | None = None,
-                   extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The tritonserver command line serving `model_repository` on `host` at the three ports."""
-    if in_ngc_container():
-        binary, backend_dir = NGC_TRITON / "bin" / "tritonserver", backend_dir or NGC_TRITON / "backends"
-    else:
-        binary, backend_dir = pytriton_dist() / "bin" / "tritonserver", backend_dir or prepare_backend_dir()
-    return [
-        str(binary),
-        f"--model-repository={Path(model_repository).resolve()}",
-        f"--backend-directory={backend_dir}",
-        f"--http-address={host}", f"--http-port={http_port}",
-        f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-        f"--metrics-address={host}", f"--metrics-port={metrics_port}",
-        *extra_args,
-    ]
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

@@ -17,14 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from flover_backend import perf
-from flover_backend.serve import (
-    PROJECT_ROOT,
-    TritonServer,
-    TritonServerError,
-    find_free_port,
-    prepare_backend_dir,
-    server_command,
-)
+from flover_backend.serve import TritonServer, TritonServerError, find_free_port
+from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 
 pytestmark = pytest.mark.triton
 
