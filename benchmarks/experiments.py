@@ -21,8 +21,7 @@ from benchmarks.peers import against_vllm, perf_reports
 from benchmarks.report import write_report
 from clients.loadgen import replay, triton_sender
 from flover_backend import Engine, EngineConfig
-from flover_backend.inprocess_bench import decode_sweep
-from flover_backend.inprocess_bench import replay as inprocess_replay
+from flover_backend.inprocess_bench import decode_sweep, measure
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer, find_free_port
 from flover_backend.workload import RequestTiming, make_trace, summarize
@@ -147,8 +146,7 @@ def overhead(bench: Bench, scale: Scale) -> dict:
     trace = make_trace(n, interval_s=0.0, gen_len=(2 * scale.gen_len,) * 2, seed=3)
     config = EngineConfig(model=scale.model, max_num_seqs=32, max_model_len=512)
     with Engine(config) as engine:
-        inprocess_replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4)))  # warm-up
-        in_process = summarize(inprocess_replay(engine, trace))
+        in_process = measure(engine, trace)
         print(f"  {'in-process ' + str(n) + ' streams':<28} total {in_process['total_s']:7.2f}s  "
               f"{in_process['tokens_per_s']:7.1f} tok/s", flush=True)
         steps = decode_sweep(engine, [1, 32])

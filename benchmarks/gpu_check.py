@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from flover_backend import Engine, EngineConfig
-from flover_backend.inprocess_bench import decode_sweep, replay
+from flover_backend.inprocess_bench import decode_sweep, measure
 from flover_backend.models.loader import resolve_model_path
-from flover_backend.workload import make_trace, summarize
+from flover_backend.workload import make_trace
 
 POLICIES = ("fused", "window", "solo")
 
@@ -23,10 +23,7 @@ def run_policies(base: dict, trace, label: str, policies: tuple[str, ...] = POLI
     results = {}
     for policy in policies:
         with Engine(EngineConfig(**base, policy=policy, window_ms=20.0)) as engine:
-            replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4)))  # warm-up: kernels, allocator
-            before = engine.stats.num_iterations
-            summary = summarize(replay(engine, trace))
-            summary["iterations"] = engine.stats.num_iterations - before
+            summary = measure(engine, trace)
         results[policy] = summary
         print(f"{label:<22} {policy:>6}: {summary['total_s']:7.2f}s {summary['tokens_per_s']:8.1f} tok/s "
               f"iterations {summary['iterations']}", flush=True)

@@ -41,6 +41,15 @@ def replay(engine: Engine, trace: list[TraceRequest]) -> list[RequestTiming]:
     return timings
 
 
+def measure(engine: Engine, trace: list[TraceRequest]) -> dict:
+    """Warm the engine up, replay `trace`, and summarize it with the iterations the loop ran for it."""
+    replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=len(trace[0].prompt_token_ids)))
+    before = engine.stats.num_iterations
+    summary = summarize(replay(engine, trace))
+    summary["iterations"] = engine.stats.num_iterations - before
+    return summary
+
+
 def decode_step_seconds(engine: Engine, batch_size: int, steps: int = 12) -> float:
     """Median time of a whole fused iteration (forward, LM head, sampling, emit) with `batch_size` requests decoding."""
     before = len(engine.stats.iterations)
@@ -62,10 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     for policy in args.policies:
         config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)
         with Engine(config) as engine:
-            replay(engine, make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=args.prompt_len))  # warm-up
-            before = engine.stats.num_iterations
-            summary = summarize(replay(engine, trace))
-            summary["iterations"] = engine.stats.num_iterations - before
+            summary = measure(engine, trace)
             results["policies"][policy] = summary
             print(f"{policy:>7}: total {summary['total_s']:.2f}s  {summary['tokens_per_s']:.1f} tok/s  "
                   f"TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f}ms p99 {summary['ttft_p99_s'] * 1e3:.0f}ms", flush=True)

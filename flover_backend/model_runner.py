@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ class ModelRunner:
         self.model = load_model(model_path, self.dtype, self.device)
         if world > 1:
             shard_llama(self.model, rank, world)  # first: a shape that cannot be split fails before any worker starts
-        self.workers = WorkerGroup(config, _free_port()) if world > 1 and rank == 0 else None
+        self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
         if hasattr(self.model, "prepack"):
             self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
@@ -147,9 +146,3 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-
-def _free_port() -> int:
-    """A TCP port on loopback that nothing listens on now, for the workers' rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

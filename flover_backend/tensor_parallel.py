@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -84,9 +85,9 @@ def shard_llama(model: nn.Module, rank: int, world: int) -> None:
 class WorkerGroup:
     """Rank 0's side: starts ranks 1..N-1 as processes, sends them each plan, notices when one dies."""
 
-    def __init__(self, config: EngineConfig, port: int):
+    def __init__(self, config: EngineConfig):
         world = config.tensor_parallel_size
-        init_method = f"tcp://127.0.0.1:{port}"
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
         settings = json.dumps(dataclasses.asdict(config))
         self.workers = [
             subprocess.Popen([sys.executable, "-m", "flover_backend.tensor_parallel", "--rank", str(rank),
@@ -126,6 +127,13 @@ class WorkerGroup:
                 except subprocess.TimeoutExpired:
                     worker.kill()
             dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now, for the ranks' rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _backend(config: EngineConfig) -> str:
