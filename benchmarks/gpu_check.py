@@ -1,11 +1,18 @@
-"""On a lent GPU: experiments 1-3 in-process on the built-in ~1B Llama (bf16), and transformers' own continuous
-batching (`generate_batch`) on the same prompts. `--smoke` runs the same code on this CPU with the tiny model."""
+"""On a lent GPU: the decode step with and without CUDA graphs, experiments 1-3 in-process on the built-in ~1B
+Llama (bf16), and transformers' own continuous batching (`generate_batch`) on the same prompts.
+`--smoke` runs the same code on this CPU with the tiny model.
+
+Each part runs on its own: one that fails records its error and the rest still run, and the results so far
+are rewritten after every part, so a run cut short by its time limit still leaves figures behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,11 +29,26 @@ def run_policies(base: dict, trace, label: str, policies: tuple[str, ...] = POLI
     """Each policy on the same trace, in a fresh engine; the summaries by policy."""
     results = {}
     for policy in policies:
-        with Engine(EngineConfig(**base, policy=policy, window_ms=20.0)) as engine:
+        with Engine(EngineConfig(**{"window_ms": 20.0, **base, "policy": policy})) as engine:
             summary = measure(engine, trace)
         results[policy] = summary
         print(f"{label:<22} {policy:>6}: {summary['total_s']:7.2f}s {summary['tokens_per_s']:8.1f} tok/s "
               f"iterations {summary['iterations']}", flush=True)
+    return results
+
+
+def decode_steps(base: dict, batch_sizes: list[int]) -> dict:
+    """The fused decode step at each batch size, eager and replayed from CUDA graphs, with the graphs captured."""
+    results = {}
+    for graphs in (False, True):
+        with Engine(EngineConfig(**base, cuda_graphs=graphs)) as engine:
+            label = "graphs" if graphs else "eager"
+            print(f"decode step, {label}:", flush=True)
+            results[label] = decode_sweep(engine, batch_sizes)
+            captured = engine.runner.decode_graphs
+            if captured is not None:
+                results["graph_shapes"] = [list(shape) for shape in captured.graphs]
+                results["graph_replays"] = captured.num_replays
     return results
 
 
@@ -46,41 +68,79 @@ def transformers_batch(model_path: Path, trace, dtype: torch.dtype, device: str)
     return {"total_s": seconds, "total_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def run_part(results: dict, name: str, part: Callable[[], dict], out: Path) -> None:
+    """Run one part; keep its figures or its error; write everything so far."""
+    start = time.perf_counter()
+    try:
+        results[name] = part()
+    except Exception as error:  # noqa: BLE001 - one broken part must not cost the lent device's other figures
+        traceback.print_exc()
+        results[name] = {"error": f"{type(error).__name__}: {error}"}
+    results.setdefault("part_seconds", {})[name] = time.perf_counter() - start
+    print(f"[{name}] {results['part_seconds'][name]:.1f}s", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    (out / "gpu_check.md").write_text(summary_table(results) + "\n")
+
+
+def summary_table(results: dict) -> str:
+    """The short Markdown table printed last: whatever parts have figures, and the errors of those that failed."""
+    title = (f"{results['card']}, {results['model']} {results['dtype']}, "
+             f"{results['requests']} requests x {results['gen_len']} tokens")
+    lines = [title, "", "| run | total (s) | tokens/s |", "|---|---|---|"]
+    exp1 = results.get("exp1", {})
+    for policy, summary in exp1.get(str(results["requests"]), {}).items():
+        lines.append(f"| exp1 {policy} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} |")
+    for name, label in (("exp1_fused_eager", "exp1 fused, no CUDA graphs"),
+                        ("transformers_generate_batch", "transformers generate_batch (all at once)"),
+                        ("fused_same_prompts", "fused, same prompts all at once")):
+        summary = results.get(name, {})
+        if "total_s" in summary:
+            lines.append(f"| {label} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} |")
+    steps = results.get("decode_steps", {})
+    if "graphs" in steps:
+        lines += ["", "| batch | eager step (ms) | graph step (ms) | eager / graph | graph / floor |",
+                  "|---|---|---|---|---|"]
+        for eager, graph in zip(steps["eager"], steps["graphs"]):
+            lines.append(f"| {eager['batch_size']} | {eager['step_s'] * 1e3:.2f} | {graph['step_s'] * 1e3:.2f} | "
+                         f"{eager['step_s'] / graph['step_s']:.2f} | {graph['ratio']:.2f} |")
+    errors = [f"- {name}: {part['error']}" for name, part in results.items()
+              if isinstance(part, dict) and "error" in part]
+    return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run everything, print a short table last, write JSON and Markdown into --out."""
+    """Run every part, most wanted first; print the table last; exit 1 if a part failed."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few requests: checks the script")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
     args = parser.parse_args(argv)
     model, device, dtype = ("builtin:tiny", "cpu", "float32") if args.smoke else ("builtin:1b", "cuda", "bfloat16")
     counts, gen_len = ([1, 4], 8) if args.smoke else ([1, 8, 32], 128)
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    requests = counts[-1]
     base = {"model": model, "device": device, "dtype": dtype, "max_num_seqs": 32, "max_model_len": 512}
-    results: dict = {"card": card, "model": model, "dtype": dtype, "exp1": {}, "exp3": {}}
-    for n in counts:  # experiments 1 and 2: constant arrivals, and throughput by requests in flight
-        results["exp1"][n] = run_policies(base, make_trace(n, interval_s=0.01, gen_len=(gen_len,) * 2), f"exp1 N={n}")
+    results: dict = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": model,
+                     "dtype": dtype, "requests": requests, "gen_len": gen_len}
+    constant = {n: make_trace(n, interval_s=0.01, gen_len=(gen_len,) * 2) for n in counts}
+    all_at_once = make_trace(requests, interval_s=0.0, gen_len=(gen_len,) * 2, seed=3)
+
+    run_part(results, "decode_steps", lambda: decode_steps(base, sorted({1, 8, requests})), args.out)
+    # Experiments 1 and 2: constant arrivals, and throughput by requests in flight.
+    run_part(results, "exp1", lambda: {str(n): run_policies(base, constant[n], f"exp1 N={n}") for n in counts},
+             args.out)
+    run_part(results, "exp1_fused_eager", lambda: run_policies({**base, "cuda_graphs": False}, constant[requests],
+                                                               f"exp1 N={requests} eager", ("fused",))["fused"],
+             args.out)
+    run_part(results, "transformers_generate_batch",
+             lambda: transformers_batch(resolve_model_path(model), all_at_once, getattr(torch, dtype), device), args.out)
+    run_part(results, "fused_same_prompts",
+             lambda: run_policies(base, all_at_once, "same prompts", ("fused",))["fused"], args.out)
     for gap_ms in (5.0, 20.0):  # experiment 3: Poisson arrivals
-        trace = make_trace(counts[-1], mean_gap_s=gap_ms / 1000, gen_len=(gen_len // 2, gen_len), seed=7)
-        results["exp3"][gap_ms] = run_policies(base, trace, f"exp3 gap={gap_ms:.0f}ms")
-    with Engine(EngineConfig(**base)) as engine:
-        results["decode_steps"] = decode_sweep(engine, [1, counts[-1]])
-    trace = make_trace(counts[-1], interval_s=0.0, gen_len=(gen_len,) * 2, seed=3)
-    results["transformers_generate_batch"] = transformers_batch(resolve_model_path(model), trace,
-                                                                getattr(torch, dtype), device)
-    results["fused_same_prompts"] = run_policies(base, trace, "same prompts", ("fused",))["fused"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
-    last = results["exp1"][counts[-1]]
-    rows = [f"| {p} | {last[p]['total_s']:.2f} | {last[p]['tokens_per_s']:.1f} |" for p in POLICIES]
-    hf = results["transformers_generate_batch"]
-    rows.append(f"| transformers generate_batch (all at once) | {hf['total_s']:.2f} | {hf['tokens_per_s']:.1f} |")
-    same = results["fused_same_prompts"]
-    rows.append(f"| fused, same prompts all at once | {same['total_s']:.2f} | {same['tokens_per_s']:.1f} |")
-    table = "\n".join([f"{card}, {model} {dtype}, {counts[-1]} requests x {gen_len} tokens", "",
-                       "| run | total (s) | tokens/s |", "|---|---|---|", *rows])
-    (args.out / "gpu_check.md").write_text(table + "\n")
-    print(table)
-    return 0
+        trace = make_trace(requests, mean_gap_s=gap_ms / 1000, gen_len=(gen_len // 2, gen_len), seed=7)
+        run_part(results, f"exp3_gap_{gap_ms:.0f}ms", lambda trace=trace, gap_ms=gap_ms: run_policies(
+            base, trace, f"exp3 gap={gap_ms:.0f}ms"), args.out)
+    print(summary_table(results))
+    return 1 if any(isinstance(part, dict) and "error" in part for part in results.values()) else 0
 
 
 if __name__ == "__main__":

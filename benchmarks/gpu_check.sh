@@ -9,9 +9,9 @@ out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLOVER_HOME=${FLOVER_HOME:-/tmp/flover-home}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-timeout 330 python3 -m benchmarks.gpu_check --out "$out" 2>&1 | tee "$out/gpu_check.log"
+timeout 250 python3 -m benchmarks.gpu_check --out "$out" 2>&1 | tee "$out/gpu_check.log"
 bench=${PIPESTATUS[0]}
 echo "gpu tests exit $tests, gpu_check exit $bench"
 exit $(( tests || bench ))

@@ -26,6 +26,7 @@ class EngineConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     seed: int = 0  # seed for requests that ask for sampling without their own seed
     tensor_parallel_size: int = 1  # ranks that split the model's heads and MLP columns
+    cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

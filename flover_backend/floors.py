@@ -7,28 +7,31 @@ import time
 import torch
 
 
-def _best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
+def _best_of(fn, repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()  # warm-up: page faults and kernel selection
+    return min(timed() for _ in range(repeats))
 
 
-def memory_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second a large copy moves (read + write), with torch's threads."""
-    src = torch.ones(num_bytes // 4)
+def memory_bandwidth(device: torch.device, num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second a large copy moves on `device` (read + write), with torch's threads on a CPU."""
+    src = torch.ones(num_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * num_bytes / _best_of(lambda: dst.copy_(src), repeats)
+    return 2 * num_bytes / _best_of(lambda: dst.copy_(src), repeats, device)
 
 
-def matmul_rate(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP per second of a square matmul, the best the BLAS does."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / _best_of(lambda: torch.mm(a, b), repeats)
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP per second of a square matmul on `device`, the best its BLAS does (a GPU needs a bigger one to fill)."""
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / _best_of(lambda: torch.mm(a, b), repeats, device)
 
 
 def decode_floor(weight_bytes: int, num_params: int, batch_size: int, bandwidth: float, flops: float) -> float:

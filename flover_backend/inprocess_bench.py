@@ -92,8 +92,9 @@ def main(args: argparse.Namespace) -> int:
 
 def decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
     """Decode step time at each batch size next to this machine's floor for the model, printed and returned."""
-    weight_bytes, num_params = weight_footprint(engine.runner.model)
-    bandwidth, flops = memory_bandwidth(), matmul_rate()
+    runner = engine.runner
+    weight_bytes, num_params = weight_footprint(runner.model)
+    bandwidth, flops = memory_bandwidth(runner.device), matmul_rate(runner.device, runner.dtype)
     rows = []
     for batch_size in batch_sizes:
         step = decode_step_seconds(engine, batch_size)

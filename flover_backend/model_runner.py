@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from flover_backend.config import EngineConfig
+from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models.loader import load_model
@@ -72,6 +73,10 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(config.seed)
+        # Graphs hold no collectives: with tensor parallelism every rank decodes eagerly.
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
+        self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
+                                          self.dtype) if use_graphs else None
 
     def execute(self, out: SchedulerOutput) -> tuple[list[int], int, StepTimings]:
         """Run one iteration; returns the sampled ids (aligned with `out.scheduled`), compaction bytes, timings."""
@@ -120,9 +125,12 @@ class ModelRunner:
         for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
             token_ids[row] = token_id
             context_lens[row] = context_len
-        input_ids = torch.tensor(token_ids, device=self.device)[:, None]
-        batch = ForwardBatch.decode(slice(0, span), torch.tensor(context_lens, device=self.device), self.dtype)
-        hidden = self.model(input_ids, batch, self.arena.tensor)[:, 0]  # (span, hidden)
+        if self.decode_graphs is not None:
+            hidden = self.decode_graphs(token_ids, context_lens)
+        else:
+            host = torch.tensor([token_ids, context_lens], device=self.device)  # one host-to-device copy
+            batch = ForwardBatch.decode(slice(0, span), host[1], self.dtype, num_keys=max(context_lens) + 1)
+            hidden = self.model(host[0][:, None], batch, self.arena.tensor)[:, 0]  # (span, hidden)
         if span != len(plan.decode_rows):
             hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]
         return hidden

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from flover_backend import Engine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
+from flover_backend.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
 from flover_backend.request import RequestStatus
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
@@ -26,11 +27,14 @@ def collect(engine: Engine, prompt: str, params: SamplingParams, outputs: dict, 
     return engine.add_request(prompt, params, on_output=on_output)
 
 
-def run_staggered(config: EngineConfig, jobs: list[tuple[str, SamplingParams]], gap_s: float = 0.01) -> list[list]:
-    """Submit jobs with gaps to a running engine; return each job's outputs in submission order."""
+def run_staggered(config: EngineConfig, jobs: list[tuple[str, SamplingParams]], gap_s: float = 0.01,
+                  prepare=None) -> list[list]:
+    """Submit jobs with gaps to a running engine (after `prepare(engine)`); return each job's outputs in order."""
     outputs: dict = {}
     done = threading.Semaphore(0)
     with Engine(config) as engine:
+        if prepare is not None:
+            prepare(engine)
         ids = []
         for prompt, params in jobs:
             ids.append(collect(engine, prompt, params, outputs, done))
@@ -64,6 +68,48 @@ def test_greedy_tokens_fused_equal_alone(greedy_jobs, alone, overrides):
         assert len(token_ids(got)) == job[1].max_tokens
         assert got[-1].finish_reason == "length"
         assert "".join(o.new_text for o in got) == "".join(o.new_text for o in want)
+
+
+def static_decode(shapes: list):
+    """A `prepare` that makes the runner decode through DecodeGraphs' padded shapes, as on a GPU, recording them.
+
+    On this CPU nothing is captured: the same padded forward that a graph records runs eagerly.
+    """
+    def prepare(engine: Engine) -> None:
+        runner, config = engine.runner, engine.config
+        graphs = DecodeGraphs(runner.model, runner.arena.tensor, config.max_num_seqs, config.max_model_len,
+                              runner.dtype)
+        forward = graphs._forward
+        graphs._forward = lambda batch, num_keys: shapes.append((batch, num_keys)) or forward(batch, num_keys)
+        runner.decode_graphs = graphs
+    return prepare
+
+
+@pytest.mark.parametrize("compaction", [True, False], ids=["compaction", "holes"])
+def test_padded_static_decode_equals_alone(greedy_jobs, alone, compaction):
+    shapes: list = []
+    fused = run_staggered(engine_config(compaction=compaction), greedy_jobs, prepare=static_decode(shapes))
+    assert [token_ids(got) for got in fused] == [token_ids(want) for want in alone]
+    assert {batch for batch, _ in shapes} <= {1, 2, 4} and (4, 96) in shapes  # spans of 3 ran padded to 4
+
+
+def test_static_decode_across_key_buckets():
+    """Rows that grow past 256 keys move to the next key bucket; a short row beside them reads 512 keys too."""
+    config = engine_config(max_model_len=600, max_num_seqs=3)
+    long_prompt = [3 + (i * 7919) % 500 for i in range(250)]
+    jobs = [(long_prompt, 12), (long_prompt[:30], 9), (long_prompt[100:], 20)]
+
+    def run(prepare=None) -> list[list[int]]:
+        with Engine(config) as engine:
+            if prepare is not None:
+                prepare(engine)
+            streams = [engine.generate(prompt_token_ids=prompt, params=SamplingParams(max_tokens=n, ignore_eos=True))
+                       for prompt, n in jobs]
+            return [[t for output in stream for t in output.new_token_ids] for stream in streams]
+
+    shapes: list = []
+    assert run(static_decode(shapes)) == run()
+    assert {256, 512} <= {num_keys for _, num_keys in shapes}
 
 
 def test_fused_run_really_batched_and_compacted(greedy_jobs):
@@ -183,3 +229,10 @@ def test_crashed_loop_fails_requests_clearly_and_refuses_new_ones():
     with pytest.raises(EngineDeadError):
         engine.add_request("late", on_output=outputs.put)
     engine.stop()
+
+
+def test_graph_shapes():
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert [key_bucket(n, 600) for n in (0, 254, 255, 256, 511, 599)] == [256, 256, 256, 512, 512, 600]

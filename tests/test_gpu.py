@@ -20,8 +20,8 @@ def gpu_config(**overrides) -> EngineConfig:
                            **overrides})
 
 
-def run_all_at_once(config: EngineConfig) -> tuple[list[list[int]], int]:
-    """Submit every job before the first iteration; return each job's tokens and the bytes compacted."""
+def run_all_at_once(config: EngineConfig) -> tuple[list[list[int]], Engine]:
+    """Submit every job before the first iteration; return each job's tokens and the stopped engine."""
     outputs: queue.SimpleQueue = queue.SimpleQueue()
     with Engine(config) as engine:
         ids = [engine.add_request(prompt, params, on_output=outputs.put) for prompt, params in JOBS]
@@ -31,7 +31,7 @@ def run_all_at_once(config: EngineConfig) -> tuple[list[list[int]], int]:
             output = outputs.get(timeout=120)
             tokens[output.req_id].extend(output.new_token_ids)
             finished += output.finished
-        return [tokens[req_id] for req_id in ids], engine.stats.compaction_bytes
+    return [tokens[req_id] for req_id in ids], engine
 
 
 def test_logits_match_transformers_on_gpu():
@@ -55,9 +55,31 @@ def test_arena_is_cupy_on_gpu():
 
 
 def test_fused_with_compaction_equals_alone_and_equals_no_compaction():
-    fused, moved = run_all_at_once(gpu_config())
+    fused, engine = run_all_at_once(gpu_config())
     alone, _ = run_all_at_once(gpu_config(policy="solo"))
     holes, _ = run_all_at_once(gpu_config(compaction=False))
-    assert moved > 0  # 6 jobs of different lengths through 3 rows: rows were compacted
+    assert engine.stats.compaction_bytes > 0  # 6 jobs of different lengths through 3 rows: rows were compacted
     assert fused == alone == holes
     assert [len(t) for t in fused] == [p.max_tokens for _, p in JOBS]
+
+
+def test_cuda_graph_replays_equal_eager_decode():
+    graphed, engine = run_all_at_once(gpu_config())
+    eager, eager_engine = run_all_at_once(gpu_config(cuda_graphs=False))
+    graphs = engine.runner.decode_graphs
+    assert eager_engine.runner.decode_graphs is None
+    assert graphs.capture, "a capture failed and the engine fell back to eager decoding (see the log)"
+    assert graphs.num_replays > 0 and (3, 96) in graphs.graphs  # 3 rows, 96 keys: the whole arena
+    assert graphed == eager
+
+
+def test_cuda_graphs_across_key_buckets_in_bfloat16():
+    """A row growing past 256 keys is captured again; bf16 runs through the CuPy uint16 arena."""
+    config = gpu_config(dtype="bfloat16", max_model_len=600)
+    long_prompt = [3 + (i * 7919) % 500 for i in range(250)]
+    with Engine(config) as engine:
+        stream = engine.generate(prompt_token_ids=long_prompt, params=SamplingParams(max_tokens=12, ignore_eos=True))
+        tokens = [t for output in stream for t in output.new_token_ids]
+        shapes = set(engine.runner.decode_graphs.graphs)
+    assert len(tokens) == 12
+    assert {(1, 256), (1, 512)} <= shapes
