@@ -156,6 +156,7 @@ class Engine:
     def _loop(self) -> None:
         status, error = RequestStatus.FINISHED_ABORT, None
         try:
+            self.runner.bind_thread()  # the current GPU is per thread, and this thread runs every forward
             while not self._stopping:
                 if not self.step():
                     wait = self.scheduler.seconds_until_admission(time.monotonic())

@@ -16,7 +16,7 @@ from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
-from flover_backend.tensor_parallel import WorkerGroup, shard_llama
+from flover_backend.tensor_parallel import WorkerGroup, check_gpus, rank_device, shard_llama
 
 
 @dataclass
@@ -53,9 +53,11 @@ class ModelRunner:
     """The only code that touches both the arena and the model; rank 0 also samples."""
 
     def __init__(self, config: EngineConfig, model_path: Path, rank: int = 0):
-        self.device = torch.device(config.device)
+        self.device = rank_device(config.device, rank)
         self.dtype = getattr(torch, config.dtype)
         world = config.tensor_parallel_size
+        check_gpus(rank_device(config.device, 0), world)
+        self.bind_thread()  # before rank 0 joins the workers: NCCL binds each rank to the current GPU
         self.model = load_model(model_path, self.dtype, self.device)
         if world > 1:
             shard_llama(self.model, rank, world)  # first: a shape that cannot be split fails before any worker starts
@@ -77,6 +79,11 @@ class ModelRunner:
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
         self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
                                           self.dtype) if use_graphs else None
+
+    def bind_thread(self) -> None:
+        """Make the runner's GPU the calling thread's current device: CuPy, graph capture and NCCL use it."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def execute(self, out: SchedulerOutput) -> tuple[list[int], int, StepTimings]:
         """Run one iteration; returns the sampled ids (aligned with `out.scheduled`), compaction bytes, timings."""

@@ -82,6 +82,33 @@ def shard_llama(model: nn.Module, rank: int, world: int) -> None:
                                        intermediate_size=config.intermediate_size // world)
 
 
+def rank_device(device: str, rank: int) -> torch.device:
+    """Where `rank` runs: consecutive GPUs from the configured one (always with an index); the CPU is shared."""
+    base = torch.device(device)
+    return torch.device("cuda", (base.index or 0) + rank) if base.type == "cuda" else base
+
+
+def check_gpus(device: torch.device, world: int) -> None:
+    """Fail before loading anything, naming the settings, when the GPUs the ranks would take are not there."""
+    if device.type != "cuda":
+        return
+    available = torch.cuda.device_count()
+    if device.index + world > available:
+        raise ValueError(f"device {device} with tensor_parallel_size {world} needs GPUs {device.index}.."
+                         f"{device.index + world - 1}; this machine has {available}")
+
+
+def _join(config: EngineConfig, init_method: str, rank: int) -> dist.ProcessGroup:
+    """Join the ranks (NCCL for the all-reduces on GPU) and return the gloo group that carries the plans.
+
+    Plans are Python objects: over NCCL each broadcast would go through the GPU and synchronise it, so
+    they travel through a gloo group on the host instead, on GPU and CPU alike.
+    """
+    dist.init_process_group(_backend(config), init_method=init_method, rank=rank,
+                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+
+
 class WorkerGroup:
     """Rank 0's side: starts ranks 1..N-1 as processes, sends them each plan, notices when one dies."""
 
@@ -94,13 +121,12 @@ class WorkerGroup:
                               "--init-method", init_method, "--config", settings], env=dict(os.environ))
             for rank in range(1, world)
         ]
-        dist.init_process_group(_backend(config), init_method=init_method, rank=0, world_size=world,
-                                timeout=COLLECTIVE_TIMEOUT)
+        self.plans = _join(config, init_method, rank=0)
 
     def broadcast(self, plan: object) -> None:
         """Send one iteration's plan to every worker."""
         self.check()
-        dist.broadcast_object_list([plan], src=0)
+        dist.broadcast_object_list([plan], src=0, group=self.plans)
 
     def check(self, grace_s: float = 0.0) -> None:
         """Raise EngineDeadError if a worker has exited (within `grace_s`): the shards it held are gone."""
@@ -117,7 +143,7 @@ class WorkerGroup:
         """Tell the workers to exit and wait for them."""
         try:
             if all(worker.poll() is None for worker in self.workers):
-                dist.broadcast_object_list([None], src=0)
+                dist.broadcast_object_list([None], src=0, group=self.plans)
         except RuntimeError:  # a worker died meanwhile: nothing left to tell it
             pass
         finally:
@@ -166,12 +192,14 @@ def worker_main(argv: list[str] | None = None) -> int:
     config = EngineConfig(**json.loads(args.config))
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    dist.init_process_group(_backend(config), init_method=args.init_method, rank=args.rank,
-                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    device = rank_device(config.device, args.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before joining: NCCL binds each rank to the current GPU
+    plans = _join(config, args.init_method, args.rank)
     runner = ModelRunner(config, resolve_model_path(config.model), rank=args.rank)
     while True:
         message = [None]
-        dist.broadcast_object_list(message, src=0)
+        dist.broadcast_object_list(message, src=0, group=plans)
         if message[0] is None:
             break
         runner.run(message[0])

@@ -4,8 +4,10 @@ import queue
 import signal
 
 import pytest
+import torch
 
 from flover_backend import Engine, EngineConfig, EngineDeadError, SamplingParams
+from flover_backend.tensor_parallel import rank_device
 
 JOBS = [(prompt, SamplingParams(max_tokens=5 + 4 * i, ignore_eos=True))
         for i, prompt in enumerate(["The quick brown fox", "Once upon a time", "a", "hello hello hello"])]
@@ -55,3 +57,15 @@ def test_lost_worker_fails_in_flight_requests_and_refuses_new_ones():
     with pytest.raises(EngineDeadError):
         engine.add_request("late", on_output=outputs.put)
     engine.stop()
+
+
+def test_ranks_take_consecutive_gpus():
+    assert [rank_device("cuda", rank) for rank in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert rank_device("cuda:2", 1) == torch.device("cuda", 3)
+    assert rank_device("cpu", 3) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="asserts the error of a machine short of GPUs")
+def test_missing_gpus_fail_before_loading_naming_the_settings():
+    with pytest.raises(ValueError, match=r"device cuda:0 with tensor_parallel_size 2 needs GPUs 0\.\.1"):
+        Engine(config(device="cuda", tensor_parallel_size=2))
