@@ -76,6 +76,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # why the loop died, once it has: the engine then serves nothing more
 
     # ----- callers (any thread) -----
 
@@ -167,6 +168,7 @@ class Engine:
             status, error = RequestStatus.FINISHED_ERROR, f"the inference loop crashed: {type(exc).__name__}: {exc}"
         finally:
             self._stopping = True  # from now on add_request refuses
+            self.failure = error
             self._drain_inbox()
             for request in list(self.scheduler.waiting) + list(self.scheduler.running.values()):
                 request.error = error

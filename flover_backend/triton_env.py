@@ -134,5 +134,7 @@ def server_command(model_repository: str | Path, http_port: int = 8000, grpc_por
         f"--http-address={host}", f"--http-port={http_port}",
         f"--grpc-address={host}", f"--grpc-port={grpc_port}",
         f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+        # Explicit control, loading every model of the repository: a model whose engine died unloads itself.
+        "--model-control-mode=explicit", "--load-model=*",
         *extra_args,
     ]

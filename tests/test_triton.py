@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -95,6 +96,14 @@ def test_64_concurrent_streams_over_16_rows_all_complete(server):
         thread.join(timeout=240)
     assert not errors
     assert counts == {i: (12 + i % 5, "length") for i in range(64)}
+
+
+def http_status(server, path: str) -> int:
+    """The HTTP status tritonserver answers a GET of `path` with."""
+    try:
+        return urllib.request.urlopen(server.http_url + path, timeout=10).status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def wait_for(predicate, timeout_s: float = 10.0) -> bool:
@@ -197,8 +206,8 @@ def parent(pid: int) -> int:
     return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
 
 
-def test_lost_tensor_parallel_worker_fails_requests_clearly(server):
-    """Runs last: it leaves flover_tp2 without its second rank for good."""
+def test_lost_tensor_parallel_worker_fails_requests_clearly_and_unloads_the_model(server):
+    """Runs last: flover_tp2 is gone afterwards, and the server reports not ready."""
     stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 200, "ignore_eos": True}))
     next(stream)
     found = subprocess.run(["pgrep", "-f", "flover_backend.tensor_parallel"], capture_output=True, text=True,
@@ -207,7 +216,10 @@ def test_lost_tensor_parallel_worker_fails_requests_clearly(server):
     os.kill(worker, signal.SIGKILL)
     with pytest.raises(ServerError, match="rank 1 exited"):
         list(stream)
-    with pytest.raises(ServerError, match="stopped"):
+    assert wait_for(lambda: http_status(server, "/v2/models/flover_tp2/ready") != 200)  # unloaded itself
+    with pytest.raises(ServerError, match="flover_tp2"):
         list(stream_grpc(server.grpc_url, "flover_tp2", text_input="after", max_tokens=2))
     chunks = list(stream_grpc(server.grpc_url, "flover", text_input="others unaffected", max_tokens=3))
     assert sum(len(c.token_ids) for c in chunks) == 3
+    assert http_status(server, "/v2/models/flover/ready") == 200
+    assert http_status(server, "/v2/health/ready") == 400  # strict readiness: a probe takes this replica out

@@ -55,6 +55,8 @@ class TritonPythonModel:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._id_prefix = f"{args['model_instance_name']}-"
+        self._model_name = args["model_name"]
+        self._unload_asked = False
         self._responder = threading.Thread(target=self._respond_loop, name="flover-responder", daemon=True)
         self._responder.start()
 
@@ -108,8 +110,25 @@ class TritonPythonModel:
                     last_poll = now
                     self._poll_cancellations()
                     self.metrics.update(self.engine.stats)
+                if self.engine.failure is not None and not self._unload_asked:
+                    self._unload_asked = True
+                    threading.Thread(target=self._unload_self, name="flover-unload", daemon=True).start()
             except Exception:  # this thread serves every request: log, never die
                 logger.exception("response thread error")
+
+    def _unload_self(self) -> None:
+        """Have Triton unload this model once its engine is dead, so its ready endpoint says so.
+
+        The Python backend cannot mark a model unready, but it can ask the server (in explicit model
+        control mode, which `flover serve` uses) to unload it. From a thread of its own: the unload
+        ends in `finalize`, which joins the response thread.
+        """
+        logger.error("the engine of %s has failed (%s); asking Triton to unload it", self._model_name,
+                     self.engine.failure)
+        try:
+            pb_utils.unload_model(self._model_name)
+        except Exception:  # e.g. a server not in explicit mode: the model stays, refusing requests
+            logger.exception("could not unload %s", self._model_name)
 
     def _poll_cancellations(self) -> None:
         for stream in list(self._streams.values()):
