@@ -19,10 +19,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """Next token id for each row of `logits` (N, vocab), row i belonging to requests[i]."""
         token_ids = logits.argmax(dim=-1).tolist()
-        for i, request in enumerate(requests):
-            if not request.params.greedy:
-                # On the CPU with a CPU generator, so a seed gives the same tokens on any device.
-                token_ids[i] = sample(logits[i].float().cpu(), request.params, self._generator(request))
+        sampled = [i for i, request in enumerate(requests) if not request.params.greedy]
+        if sampled:
+            # On the CPU with CPU generators, so a seed gives the same tokens on any device; the rows come
+            # off a GPU in one copy.
+            host_logits = logits[sampled].float().cpu()
+            for i, row_logits in zip(sampled, host_logits):
+                token_ids[i] = sample(row_logits, requests[i].params, self._generator(requests[i]))
         return token_ids
 
     def release(self, req_id: str) -> None:
