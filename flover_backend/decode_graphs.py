@@ -49,6 +49,15 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
 
+    def capture_batch_sizes(self) -> None:
+        """Capture every batch size at the first key bucket now, at start-up, rather than in a step under load.
+
+        Every row is free at start-up, so the dummy rows these runs write to are nobody's.
+        """
+        if self.capture:
+            for batch in self.buckets:
+                self([0] * batch, [0] * batch)
+
     def __call__(self, token_ids: list[int], context_lens: list[int]) -> torch.Tensor:
         """(len(token_ids), hidden) next-token states for rows [0, len(token_ids)); holes carry token 0, length 0."""
         span = len(token_ids)

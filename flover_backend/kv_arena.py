@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from flover_backend.row_table import RowMove
+
+logger = logging.getLogger(__name__)
 
 # NumPy and CuPy have no bfloat16: store its bits as uint16 and let torch reinterpret them.
 _STORAGE_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -34,6 +38,24 @@ class KVArena:
             view = torch.from_numpy(self.array)
         self.tensor = view.view(dtype) if view.dtype != dtype else view
         self.bytes_per_position = num_layers * 2 * num_kv_heads * head_dim * self.tensor.element_size()
+        self.copier = "numpy"
+        if self.device.type == "cuda":
+            self.copier = self._warm_up_cupy_copy()
+
+    def _warm_up_cupy_copy(self) -> str:
+        """Compile CuPy's gather and scatter now, not in the first compaction under load; which copier works.
+
+        CuPy compiles its kernels with NVRTC, which needs the CUDA headers. Where they are missing, torch's
+        own indexing on the same view does the copy instead (on torch's stream, with no compiler).
+        """
+        import cupy
+
+        try:
+            self._copy_on_torch_stream([0], [0], 1)  # row 0 onto itself: the read copies before the write
+            return "cupy"
+        except cupy.cuda.compiler.CompileException:
+            logger.exception("CuPy cannot compile its copy kernels here; compaction uses torch indexing")
+            return "torch"
 
     @property
     def nbytes(self) -> int:
@@ -47,8 +69,11 @@ class KVArena:
         length = max(move.length for move in moves)
         src = [move.src for move in moves]
         dst = [move.dst for move in moves]
-        if self.device.type == "cuda":
+        if self.copier == "cupy":
             self._copy_on_torch_stream(src, dst, length)
+        elif self.copier == "torch":
+            index = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            self.tensor[:, :, index[1], :, :length] = self.tensor[:, :, index[0], :, :length]
         else:
             # Fancy-indexed reads copy first, so the write never reads a row it has already overwritten.
             self.array[:, :, dst, :, :length] = self.array[:, :, src, :, :length]

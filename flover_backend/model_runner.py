@@ -79,6 +79,9 @@ class ModelRunner:
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
         self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
                                           self.dtype) if use_graphs else None
+        if self.decode_graphs is not None:
+            with torch.inference_mode():
+                self.decode_graphs.capture_batch_sizes()
 
     def bind_thread(self) -> None:
         """Make the runner's GPU the calling thread's current device: CuPy, graph capture and NCCL use it."""

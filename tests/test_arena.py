@@ -26,10 +26,12 @@ def fill(arena: KVArena, row: int, start: int, stop: int, value: float) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(operations, st.booleans())
-def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, compaction):
+@given(operations, st.booleans(), st.sampled_from(["numpy", "torch"]))
+def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, compaction, copier):
+    """`torch` is the copy a GPU falls back to where CuPy cannot compile its kernels."""
     arena = KVArena(num_layers=2, max_num_seqs=NUM_ROWS, num_kv_heads=2, max_model_len=MAX_LEN,
                     head_dim=3, dtype=torch.float32, device=torch.device("cpu"))
+    arena.copier = copier
     table = RowTable(NUM_ROWS, compaction=compaction)
     reference: dict[str, torch.Tensor] = {}  # req_id -> its KV positions [:length]
     row_of: dict[str, int] = {}

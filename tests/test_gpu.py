@@ -51,6 +51,7 @@ def test_logits_match_transformers_on_gpu():
 def test_arena_is_cupy_on_gpu():
     with Engine(gpu_config()) as engine:
         assert type(engine.runner.arena.array).__module__.startswith("cupy")
+        assert engine.runner.arena.copier == "cupy", "CuPy could not compile its copy kernels (see the log)"
         assert engine.runner.arena.tensor.is_cuda
 
 

@@ -106,6 +106,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     batch_size, num_heads, _, head_dim = q.shape
     num_kv_heads = keys.shape[1]
     grouped = q.reshape(batch_size, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (B, nkv, g, hd)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(head_dim**-0.5).add_(key_bias)  # (B, nkv, g, S)
+    # Scaled before the product: in bf16, scores rounded first and scaled after lose more bits.
+    scores = torch.matmul(grouped * head_dim**-0.5, keys.transpose(-1, -2)).add_(key_bias)  # (B, nkv, g, S)
     out = torch.matmul(scores.softmax(dim=-1), values)  # (B, nkv, g, hd)
     return out.reshape(batch_size, num_heads, 1, head_dim)
