@@ -16,7 +16,7 @@ from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
-from flover_backend.tensor_parallel import WorkerGroup, check_gpus, rank_device, shard_llama
+from flover_backend.tensor_parallel import WorkerGroup, check_gpus, rank_device
 
 
 @dataclass
@@ -58,9 +58,8 @@ class ModelRunner:
         world = config.tensor_parallel_size
         check_gpus(rank_device(config.device, 0), world)
         self.bind_thread()  # before rank 0 joins the workers: NCCL binds each rank to the current GPU
-        self.model = load_model(model_path, self.dtype, self.device)
-        if world > 1:
-            shard_llama(self.model, rank, world)  # first: a shape that cannot be split fails before any worker starts
+        # Before any worker starts, so a shape that cannot be split fails first.
+        self.model = load_model(model_path, self.dtype, self.device, rank, world)
         self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
         if hasattr(self.model, "prepack"):
             self.model.prepack(config.max_num_seqs)

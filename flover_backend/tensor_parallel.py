@@ -21,6 +21,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from flover_backend.config import EngineConfig
@@ -29,54 +30,48 @@ from flover_backend.errors import EngineDeadError
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a silent peer fails the step instead of hanging it
 
 
-class AllReduce(nn.Module):
-    """A row-parallel projection: each rank's partial product, summed over the ranks."""
+class RowParallelLinear(nn.Linear):
+    """This rank's block of a projection's input features; the ranks' partial products are summed.
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
+    The bias is whole on every rank (so checkpoints load the same way everywhere) and added by rank 0 only.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, world: int):
+        super().__init__(linear.in_features // world, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.rank = rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The full projection, on every rank."""
-        y = self.inner(x)
+        y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
         dist.all_reduce(y)
         return y
 
 
-def _split_outputs(linear: nn.Linear, rank: int, world: int) -> nn.Linear:
-    """Column parallel: this rank's block of output features (whole heads, since heads are contiguous)."""
-    part = nn.Linear(linear.in_features, linear.out_features // world, bias=linear.bias is not None)
-    part.weight = nn.Parameter(linear.weight.chunk(world, dim=0)[rank].clone(), requires_grad=False)
-    if linear.bias is not None:
-        part.bias = nn.Parameter(linear.bias.chunk(world, dim=0)[rank].clone(), requires_grad=False)
-    return part
-
-
-def _split_inputs(linear: nn.Linear, rank: int, world: int) -> nn.Linear:
-    """Row parallel: this rank's block of input features; the bias is added once, by rank 0."""
-    keeps_bias = linear.bias is not None and rank == 0
-    part = nn.Linear(linear.in_features // world, linear.out_features, bias=keeps_bias)
-    part.weight = nn.Parameter(linear.weight.chunk(world, dim=1)[rank].clone(), requires_grad=False)
-    if keeps_bias:
-        part.bias = nn.Parameter(linear.bias.clone(), requires_grad=False)
-    return part
+def _column_part(linear: nn.Linear, world: int) -> nn.Linear:
+    """Column parallel: room for this rank's block of output features (whole heads: heads are contiguous)."""
+    return nn.Linear(linear.in_features, linear.out_features // world, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 def shard_llama(model: nn.Module, rank: int, world: int) -> None:
-    """Keep this rank's heads and MLP columns of a loaded Llama, in place; embeddings and head stay whole."""
+    """Shrink a Llama built on the meta device to this rank's heads and MLP columns, before it is loaded.
+
+    The loader then reads only this rank's slice of each split weight, so no rank ever holds the whole
+    model; embeddings, norms and the LM head stay whole.
+    """
     config = model.config
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(config, name) % world:
             raise ValueError(f"tensor_parallel_size {world} does not divide {name}={getattr(config, name)}")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj, attn.k_proj, attn.v_proj = (_split_outputs(p, rank, world)
-                                                 for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        attn.o_proj = AllReduce(_split_inputs(attn.o_proj, rank, world))
+        attn.q_proj, attn.k_proj, attn.v_proj = (_column_part(p, world) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.o_proj = RowParallelLinear(attn.o_proj, rank, world)
         attn.num_heads //= world
         attn.num_kv_heads //= world
-        mlp.gate_proj, mlp.up_proj = (_split_outputs(p, rank, world) for p in (mlp.gate_proj, mlp.up_proj))
-        mlp.down_proj = AllReduce(_split_inputs(mlp.down_proj, rank, world))
+        mlp.gate_proj, mlp.up_proj = (_column_part(p, world) for p in (mlp.gate_proj, mlp.up_proj))
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, world)
     model.config = dataclasses.replace(config, num_heads=config.num_heads // world,
                                        num_kv_heads=config.num_kv_heads // world,
                                        intermediate_size=config.intermediate_size // world)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, EngineDeadError, SamplingParams
+from flover_backend.models.loader import load_model
 from flover_backend.tensor_parallel import rank_device
 
 JOBS = [(prompt, SamplingParams(max_tokens=5 + 4 * i, ignore_eos=True))
@@ -69,3 +70,14 @@ def test_ranks_take_consecutive_gpus():
 def test_missing_gpus_fail_before_loading_naming_the_settings():
     with pytest.raises(ValueError, match=r"device cuda:0 with tensor_parallel_size 2 needs GPUs 0\.\.1"):
         Engine(config(device="cuda", tensor_parallel_size=2))
+
+
+def test_each_rank_loads_only_its_share_of_the_split_weights(tiny_checkpoint):
+    full = load_model(tiny_checkpoint, torch.float32, "cpu").model.layers[0]
+    ranks = [load_model(tiny_checkpoint, torch.float32, "cpu", rank, 2).model.layers[0] for rank in (0, 1)]
+    for module, dim in (("self_attn.q_proj", 0), ("self_attn.k_proj", 0), ("self_attn.o_proj", 1),
+                        ("mlp.gate_proj", 0), ("mlp.down_proj", 1)):
+        shares = [layer.get_submodule(module).weight for layer in ranks]
+        assert shares[0].shape[dim] * 2 == full.get_submodule(module).weight.shape[dim]
+        torch.testing.assert_close(torch.cat(shares, dim=dim), full.get_submodule(module).weight)
+    torch.testing.assert_close(ranks[1].input_layernorm.weight, full.input_layernorm.weight)  # whole on every rank

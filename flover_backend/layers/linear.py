@@ -37,7 +37,8 @@ def pack_linears(module: nn.Module, batch_hint: int) -> int:
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and can_pack(child.weight):
+            # Exactly nn.Linear: subclasses (tensor parallelism's row-parallel layer) do more than the matmul.
+            if type(child) is nn.Linear and can_pack(child.weight):
                 setattr(parent, name, PackedLinear(child.weight, child.bias, batch_hint))
                 swapped += 1
     return swapped

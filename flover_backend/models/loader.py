@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from flover_backend.models import MODEL_REGISTRY, CausalLM
 from flover_backend.models.builtin import BUILTIN_PREFIX, builtin_checkpoint
+from flover_backend.models.llama import Llama
+from flover_backend.tensor_parallel import shard_llama
 
 # Buffers some exporters save next to the weights; we derive them (causal mask, RoPE tables) instead.
 IGNORED_KEY_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -39,8 +42,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
-    """Build the model named by `config.json` and fill it from the directory's safetensors files."""
+def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device, rank: int = 0,
+               world: int = 1) -> CausalLM:
+    """Build the model named by `config.json` and fill it from the directory's safetensors files.
+
+    With `world` > 1 the model is tensor-parallel rank `rank`'s share, and only that share is read.
+    """
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
@@ -51,14 +58,20 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device)
     # Meta parameters cost nothing; load_state_dict(assign=True) then swaps in the loaded tensors.
     with torch.device("meta"):
         model = model_class(config)
-    expected = set(model.state_dict())
+    if world > 1:
+        if model_class is not Llama:
+            raise ValueError(f"tensor parallelism splits Llama-family models only, not {architecture}")
+        shard_llama(model, rank, world)
+    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
     state = {}
     for file in _weight_files(path):
-        for key, tensor in load_file(file, device=str(device)).items():
-            key = _match_key(key, expected)
-            if key is not None:
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        with safe_open(file, framework="pt", device=str(device)) as checkpoint:
+            for key in checkpoint.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name = _match_key(key, shapes.keys())
+                if name is not None:
+                    tensor = _read_share(checkpoint, key, shapes.get(name), rank, world)
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit {architecture}: "
                          f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
@@ -66,6 +79,23 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device)
     model.load_state_dict(state, assign=True)
     model.to(device=device, dtype=dtype)  # the derived buffers (RoPE tables) were built on the CPU
     return model.eval().requires_grad_(False)
+
+
+def _read_share(checkpoint, key: str, shape: torch.Size | None, rank: int, world: int) -> torch.Tensor:
+    """The whole tensor, or where the model holds 1/world of it along one dimension, only rank's block."""
+    if shape is None or world == 1:
+        return checkpoint.get_tensor(key)
+    view = checkpoint.get_slice(key)
+    full = tuple(view.get_shape())
+    if full == tuple(shape):
+        return checkpoint.get_tensor(key)
+    split = [dim for dim, (whole, part) in enumerate(zip(full, shape)) if whole != part]
+    if len(full) != len(shape) or len(split) != 1 or full[split[0]] != shape[split[0]] * world:
+        raise ValueError(f"{key}: the checkpoint's shape {full} is not {world} x the model's {tuple(shape)} "
+                         f"along one dimension")
+    size = shape[split[0]]
+    return view[tuple(slice(rank * size, (rank + 1) * size) if dim == split[0] else slice(None)
+                      for dim in range(len(full)))]
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -81,7 +111,7 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _match_key(key: str, expected: set[str]) -> str | None:
+def _match_key(key: str, expected: Container[str]) -> str | None:
     """The model's name for a checkpoint key; None for keys we deliberately drop."""
     if key in expected:
         return key
