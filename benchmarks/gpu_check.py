@@ -108,11 +108,14 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {label} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} |")
     steps = results.get("decode_steps", {})
     if "graphs" in steps:
-        lines += ["", "| batch | eager step (ms) | graph step (ms) | eager / graph | graph / floor |",
-                  "|---|---|---|---|---|"]
+        captured = f"{len(steps['graph_shapes'])} graphs captured" if "graph_shapes" in steps else "no graphs (CPU)"
+        lines += ["", f"Decode iteration (forward inside it), ms; {captured}:", "",
+                  "| batch | cuda_graphs=false | cuda_graphs=true | false / true | floor | true / floor |",
+                  "|---|---|---|---|---|---|"]
         for eager, graph in zip(steps["eager"], steps["graphs"]):
-            lines.append(f"| {eager['batch_size']} | {eager['step_s'] * 1e3:.2f} | {graph['step_s'] * 1e3:.2f} | "
-                         f"{eager['step_s'] / graph['step_s']:.2f} | {graph['ratio']:.2f} |")
+            lines.append(f"| {eager['batch_size']} | {eager['step_s'] * 1e3:.2f} ({eager['forward_s'] * 1e3:.2f}) | "
+                         f"{graph['step_s'] * 1e3:.2f} ({graph['forward_s'] * 1e3:.2f}) | "
+                         f"{eager['step_s'] / graph['step_s']:.2f} | {graph['floor_s'] * 1e3:.2f} | {graph['ratio']:.2f} |")
     errors = [f"- {name}: {part['error']}" for name, part in results.items()
               if isinstance(part, dict) and "error" in part]
     return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
