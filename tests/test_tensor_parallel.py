@@ -73,11 +73,17 @@ def test_missing_gpus_fail_before_loading_naming_the_settings():
 
 
 def test_each_rank_loads_only_its_share_of_the_split_weights(tiny_checkpoint):
-    full = load_model(tiny_checkpoint, torch.float32, "cpu").model.layers[0]
-    ranks = [load_model(tiny_checkpoint, torch.float32, "cpu", rank, 2).model.layers[0] for rank in (0, 1)]
-    for module, dim in (("self_attn.q_proj", 0), ("self_attn.k_proj", 0), ("self_attn.o_proj", 1),
-                        ("mlp.gate_proj", 0), ("mlp.down_proj", 1)):
-        shares = [layer.get_submodule(module).weight for layer in ranks]
-        assert shares[0].shape[dim] * 2 == full.get_submodule(module).weight.shape[dim]
-        torch.testing.assert_close(torch.cat(shares, dim=dim), full.get_submodule(module).weight)
-    torch.testing.assert_close(ranks[1].input_layernorm.weight, full.input_layernorm.weight)  # whole on every rank
+    def layer0(rank: int = 0, world: int = 1):
+        model = load_model(tiny_checkpoint, torch.float32, "cpu", rank, world)
+        attn = model.model.layers[0].self_attn
+        widths = [attn.num_heads * attn.head_dim] + [attn.num_kv_heads * attn.head_dim] * 2
+        q, k, v = attn.qkv_proj.weight.split(widths)
+        gate, up = model.model.layers[0].mlp.gate_up_proj.weight.chunk(2)
+        return {"q": q, "k": k, "v": v, "gate": gate, "up": up, "o": attn.o_proj.weight,
+                "down": model.model.layers[0].mlp.down_proj.weight, "norm": model.model.layers[0].input_layernorm.weight}
+
+    full, ranks = layer0(), [layer0(rank, 2) for rank in (0, 1)]
+    for name, dim in (("q", 0), ("k", 0), ("v", 0), ("gate", 0), ("up", 0), ("o", 1), ("down", 1)):
+        assert ranks[0][name].shape[dim] * 2 == full[name].shape[dim], name
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks], dim=dim), full[name])
+    torch.testing.assert_close(ranks[1]["norm"], full["norm"])  # whole on every rank

@@ -109,6 +109,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def stack_linears(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer whose outputs are those of `linears`, in order (same input, all biased or none)."""
+    first = linears[0]
+    stacked = nn.Linear(first.in_features, sum(linear.out_features for linear in linears),
+                        bias=first.bias is not None, device="meta")
+    stacked.weight = nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
+    if first.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([linear.bias for linear in linears]), requires_grad=False)
+    return stacked
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE; the arena holds the keys and values."""
 
@@ -122,13 +133,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def fuse_projections(self) -> None:
+        """Replace q, k and v by one stacked projection: one matmul over x instead of three."""
+        self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Project, rotate, attend through the arena and project back."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = arena_attention(q, k, v, k_cache, v_cache, batch)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
@@ -144,9 +162,15 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
+    def fuse_projections(self) -> None:
+        """Replace gate and up by one stacked projection: one matmul over x instead of two."""
+        self.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x))."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -211,6 +235,12 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
+
+    def fuse_projections(self) -> None:
+        """From the checkpoint's layout to the serving one (the loader calls this once weights are in)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def prepack(self, batch_hint: int) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""

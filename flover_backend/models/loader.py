@@ -77,6 +77,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device,
                          f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     model.load_state_dict(state, assign=True)
+    if hasattr(model, "fuse_projections"):
+        model.fuse_projections()
     model.to(device=device, dtype=dtype)  # the derived buffers (RoPE tables) were built on the CPU
     return model.eval().requires_grad_(False)
 
