@@ -82,7 +82,7 @@ class DecodeGraphs:
 
     def _forward(self, batch: int, num_keys: int) -> torch.Tensor:
         """The decode forward on the first `batch` static rows; only device work, so it can be captured."""
-        forward_batch = ForwardBatch.decode(slice(0, batch), self.context_lens[:batch], self.dtype, num_keys=num_keys)
+        forward_batch = ForwardBatch.decode(slice(0, batch), self.context_lens[:batch], num_keys, self.dtype)
         return self.model(self.input_ids[:batch], forward_batch, self.kv)[:, 0]
 
     def _capture(self, batch: int, num_keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:

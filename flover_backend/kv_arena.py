@@ -72,8 +72,8 @@ class KVArena:
         if self.copier == "cupy":
             self._copy_on_torch_stream(src, dst, length)
         elif self.copier == "torch":
-            index = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-            self.tensor[:, :, index[1], :, :length] = self.tensor[:, :, index[0], :, :length]
+            src_rows, dst_rows = (torch.tensor(rows, device=self.device) for rows in (src, dst))
+            self.tensor[:, :, dst_rows, :, :length] = self.tensor[:, :, src_rows, :, :length]
         else:
             # Fancy-indexed reads copy first, so the write never reads a row it has already overwritten.
             self.array[:, :, dst, :, :length] = self.array[:, :, src, :, :length]

@@ -138,7 +138,7 @@ class ModelRunner:
             hidden = self.decode_graphs(token_ids, context_lens)
         else:
             host = torch.tensor([token_ids, context_lens], device=self.device)  # one host-to-device copy
-            batch = ForwardBatch.decode(slice(0, span), host[1], self.dtype, num_keys=max(context_lens) + 1)
+            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype)
             hidden = self.model(host[0][:, None], batch, self.arena.tensor)[:, 0]  # (span, hidden)
         if span != len(plan.decode_rows):
             hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]

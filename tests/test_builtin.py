@@ -95,7 +95,7 @@ def test_greedy_output_is_varied_and_far_from_ties(tiny_model, tokenizer):
             top2 = logits.topk(2).values
             gaps.append(top2[:, 0] - top2[:, 1])
             outputs.append(logits.argmax(-1))
-            batch = ForwardBatch.decode(slice(0, len(ids)), context_lens)
+            batch = ForwardBatch.decode(slice(0, len(ids)), context_lens, int(context_lens.max()) + 1)
             logits = tiny_model.compute_logits(tiny_model.forward(outputs[-1][:, None], batch, kv)[:, 0])
             context_lens += 1
     gaps, outputs = torch.cat(gaps), torch.stack(outputs, dim=1)

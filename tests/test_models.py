@@ -71,7 +71,7 @@ def check_against_hf(ours, hf) -> None:
             context_lens = torch.tensor([len(seq) for seq in seqs])
             for seq, token_id in zip(seqs, next_ids.tolist(), strict=True):
                 seq.append(token_id)
-            batch = ForwardBatch.decode(slice(0, 2), context_lens)
+            batch = ForwardBatch.decode(slice(0, 2), context_lens, int(context_lens.max()) + 1)
             logits = ours.compute_logits(ours.forward(next_ids[:, None], batch, kv)[:, 0])
 
 

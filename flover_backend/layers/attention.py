@@ -55,15 +55,14 @@ class ForwardBatch:
         return cls(rows=rows, positions=positions, is_prefill=True, last_index=last_index)
 
     @classmethod
-    def decode(cls, rows: slice, context_lens: torch.Tensor, dtype: torch.dtype = torch.float32,
-               num_keys: int | None = None) -> ForwardBatch:
+    def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int,
+               dtype: torch.dtype = torch.float32) -> ForwardBatch:
         """A batch that appends one token per row at position `context_lens[b]` (0 for a hole).
 
         `num_keys` is how many cached positions attention reads per row, at least the longest length + 1.
-        Callers that know it pass it: working it out here reads the device, which a CUDA graph cannot.
+        It comes from the host: working it out from `context_lens` would read the device, which a CUDA
+        graph cannot.
         """
-        if num_keys is None:
-            num_keys = int(context_lens.max()) + 1
         key_range = torch.arange(num_keys, device=context_lens.device)
         hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
         key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
