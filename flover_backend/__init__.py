@@ -10,8 +10,9 @@ _PUBLIC = {
     "SamplingParams": "flover_backend.sampling_params",
     "InvalidRequestError": "flover_backend.errors",
     "EngineDeadError": "flover_backend.errors",
+    "EngineBusyError": "flover_backend.errors",
 }
-__all__ = ["Engine", "EngineConfig", "EngineDeadError", "InvalidRequestError", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineBusyError", "EngineConfig", "EngineDeadError", "InvalidRequestError", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

@@ -27,6 +27,8 @@ class EngineConfig:
     seed: int = 0  # seed for requests that ask for sampling without their own seed
     tensor_parallel_size: int = 1  # ranks that split the model's heads and MLP columns
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
+    max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
+    max_prompt_bytes: int = 0  # a text prompt's UTF-8 bytes, checked before tokenizing; 0: 32 x max_model_len
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -45,8 +47,17 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_num_waiting < 0:
+            raise ValueError(f"max_num_waiting must be >= 0, got {self.max_num_waiting}")
+        if self.max_prompt_bytes < 0:
+            raise ValueError(f"max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def prompt_byte_limit(self) -> int:
+        """Longest text prompt in UTF-8 bytes: a token rarely covers more than 32 bytes, so more cannot fit."""
+        return self.max_prompt_bytes or 32 * self.max_model_len
 
     @property
     def batch_limit(self) -> int:

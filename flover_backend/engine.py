@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from flover_backend.config import EngineConfig
-from flover_backend.detokenizer import IncrementalDetokenizer
 from flover_backend.engine_stats import EngineStats, IterationRecord
-from flover_backend.errors import EngineDeadError, InvalidRequestError
-from flover_backend.model_runner import ModelRunner
+from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
+from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
 from flover_backend.models.loader import load_tokenizer, resolve_model_path
+from flover_backend.output_processor import OutputProcessor
 from flover_backend.request import Request, RequestStatus
 from flover_backend.sampling_params import SamplingParams
-from flover_backend.scheduler import Scheduler
+from flover_backend.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,18 @@ class Engine:
                              f"max_position_embeddings {model_config.max_position_embeddings}")
         self.vocab_size = model_config.vocab_size
         eos = model_config.eos_token_id
-        self.scheduler = Scheduler(config, eos_token_ids=set(eos if isinstance(eos, list) else [eos]) - {None})
+        self.scheduler = Scheduler(config)
+        self.outputs = OutputProcessor(self.tokenizer, frozenset(eos if isinstance(eos, list) else [eos]) - {None})
         self.stats = EngineStats()
         self._callbacks: dict[str, OutputCallback] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        # Orders add_request's check-and-queue against shutdown's last drain, so no request slips in unanswered.
+        self._lock = threading.Lock()
         self._stopping = False
+        self._num_queued = 0  # in the inbox or waiting for a row: bounded by max_num_waiting
         self.failure: str | None = None  # why the loop died, once it has: the engine then serves nothing more
 
     # ----- callers (any thread) -----
@@ -94,19 +97,23 @@ class Engine:
             raise EngineDeadError("the engine is stopped")
         params = params or SamplingParams()
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
-        total = len(token_ids) + params.max_tokens
         if len(token_ids) >= self.config.max_model_len:
             raise InvalidRequestError("prompt", f"{len(token_ids)} tokens leave no room in max_model_len "
                                                 f"{self.config.max_model_len}")
-        if total > self.config.max_model_len:
+        if len(token_ids) + params.max_tokens > self.config.max_model_len:
             raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
                                                     f"({params.max_tokens}) exceeds max_model_len "
                                                     f"{self.config.max_model_len}")
-        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        request = Request(req_id, token_ids, params)
-        self._inbox.put(("add", (request, on_output)))
+        request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params)
+        with self._lock:
+            if self._stopping:
+                raise EngineDeadError("the engine is stopped")
+            if self._num_queued >= self.config.max_num_waiting:
+                raise EngineBusyError(f"server busy: {self._num_queued} requests are already waiting; retry later")
+            self._num_queued += 1
+            self._inbox.put(("add", (request, on_output)))
         self._wakeup.set()
-        return req_id
+        return request.req_id
 
     def abort(self, req_id: str) -> None:
         """Stop a request at the next iteration boundary; it ends with finish_reason 'abort'."""
@@ -131,8 +138,10 @@ class Engine:
         self._stopping = True
         self._wakeup.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join()  # the loop ends what is in flight on its way out
             self._thread = None
+        else:
+            self._shutdown(RequestStatus.FINISHED_ABORT, None)  # driven by hand: end it here
         self.runner.close()
 
     def __enter__(self):  # unannotated: typing.Self needs Python 3.11
@@ -141,11 +150,6 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    @property
-    def is_alive(self) -> bool:
-        """Whether the loop thread is running."""
-        return self._thread is not None and self._thread.is_alive()
-
     def run_until_idle(self) -> None:
         """Run iterations on the calling thread until every queued request has finished (no loop thread)."""
         assert self._thread is None, "the loop thread is running"
@@ -153,6 +157,16 @@ class Engine:
             time.sleep(self.scheduler.seconds_until_admission(time.monotonic()) or 0.0)
 
     # ----- the loop -----
+
+    def step(self) -> bool:
+        """One iteration: schedule at the boundary, execute, postprocess, emit; False if there was nothing to do."""
+        started = time.perf_counter()
+        self._drain_inbox()
+        out = self.scheduler.schedule(time.monotonic())
+        result = self._execute(out) if out.scheduled else None
+        emitted = self._postprocess(out, result, started)
+        self._emit(emitted)
+        return bool(emitted)
 
     def _loop(self) -> None:
         status, error = RequestStatus.FINISHED_ABORT, None
@@ -167,50 +181,55 @@ class Engine:
             logger.exception("the inference loop crashed")
             status, error = RequestStatus.FINISHED_ERROR, f"the inference loop crashed: {type(exc).__name__}: {exc}"
         finally:
-            self._stopping = True  # from now on add_request refuses
-            self.failure = error
-            self._drain_inbox()
-            for request in list(self.scheduler.waiting) + list(self.scheduler.running.values()):
-                request.error = error
-                self.scheduler.finish(request, status)
-                self._emit(request, [], "")
+            self._shutdown(status, error)
 
-    def step(self) -> bool:
-        """One iteration: take arrivals and aborts, schedule at the boundary, run, emit; False if idle."""
-        started = time.perf_counter()
+    def _shutdown(self, status: RequestStatus, error: str | None) -> None:
+        """End every request in flight or queued with `status`; from now on add_request refuses."""
+        with self._lock:
+            self._stopping = True
+        self.failure = error
         self._drain_inbox()
-        out = self.scheduler.schedule(time.monotonic())
-        self._publish_counts()
-        for request in out.aborted:
-            self._emit(request, [], "")
-        if not out.scheduled:
-            return bool(out.aborted)
+        ended = list(self.scheduler.waiting) + list(self.scheduler.running.values())
+        for request in ended:
+            request.error = error
+            self.scheduler.finish(request, status)
+        self._emit([(request, [], "") for request in ended])
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        """The runner's result; a failed forward fails every request in it, never the loop."""
         try:
-            sampled, moved_bytes, timings = self.runner.execute(out)
+            return self.runner.execute(out)
         except EngineDeadError:  # a lost tensor-parallel rank: nothing more can run, so the loop ends
             raise
-        except Exception as exc:  # a failed forward fails its batch, never the loop
+        except Exception as exc:
             logger.exception("iteration failed")
-            for request in out.scheduled:
-                request.error = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-            self._publish_counts()
-            for request in out.scheduled:
-                self._emit(request, [], "")
-            return True
-        self.scheduler.update_from_output(out, sampled)
-        texts = [self._detokenize(request) for request in out.scheduled]
-        # Totals first, so whoever reads them on hearing of a finished request sees that request gone.
-        self.stats.record(IterationRecord(
-            time=time.monotonic(), seconds=time.perf_counter() - started, num_decode=len(out.decode),
-            decode_span=out.decode_span, num_prefill=len(out.prefill), num_waiting=self.scheduler.num_waiting,
-            num_moves=len(out.moves), moved_bytes=moved_bytes, compaction_seconds=timings.compaction,
-            decode_seconds=timings.decode, prefill_seconds=timings.prefill,
-        ))
+            error = f"{type(exc).__name__}: {exc}"
+            return StepResult([], dict.fromkeys(range(len(out.scheduled)), error), 0, StepTimings())
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult | None,
+                     started: float) -> list[tuple[Request, list[int], str]]:
+        """Append each request's token, end the finished ones, count the iteration; what to emit."""
+        emitted = [(request, [], "") for request in out.aborted]
+        with self._lock:
+            self._num_queued -= len(out.prefill) + sum(request.row < 0 for request in out.aborted)
+        if result is not None:
+            for i, request in enumerate(out.scheduled):
+                if i in result.row_errors:
+                    request.error = result.row_errors[i]
+                    self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+                    emitted.append((request, [], ""))
+                    continue
+                text, status = self.outputs.append_token(request, result.token_ids[i])
+                if status is not None:
+                    self.scheduler.finish(request, status)
+                emitted.append((request, [result.token_ids[i]], text))
+            self.stats.record(IterationRecord(
+                seconds=time.perf_counter() - started, decode_seconds=result.timings.decode,
+                num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.prefill),
+                num_waiting=self.scheduler.num_waiting), result.moved_bytes)
+        # Before emitting, so whoever reads the counts on hearing of a finished request sees that request gone.
         self._publish_counts()
-        for request, text in zip(out.scheduled, texts):
-            self._emit(request, request.output_token_ids[-1:], text)
-        return True
+        return emitted
 
     def _publish_counts(self) -> None:
         self.stats.num_running = self.scheduler.num_running
@@ -225,46 +244,47 @@ class Engine:
             if kind == "add":
                 request, callback = payload
                 self._callbacks[request.req_id] = callback
-                self._detokenizers[request.req_id] = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+                self.outputs.add(request)
                 self.scheduler.add_request(request)
             else:
                 self.scheduler.abort(payload)
-        self._publish_counts()
 
-    def _detokenize(self, request: Request) -> str:
-        """Text of the newest token that is safe to send; ends the request if a stop string appeared."""
-        detokenizer = self._detokenizers[request.req_id]
-        text, hit_stop = detokenizer.step(request.output_token_ids, request.status.finished)
-        if hit_stop:
-            self.scheduler.finish(request, RequestStatus.FINISHED_STOP)
-        return text
-
-    def _emit(self, request: Request, new_token_ids: list[int], new_text: str) -> None:
-        finished = request.status.finished
-        output = RequestOutput(request.req_id, new_token_ids, new_text, finished, request.status.finish_reason,
-                               request.num_prompt_tokens, request.num_output_tokens, request.error)
-        callback = self._callbacks[request.req_id]
-        if finished:
-            del self._callbacks[request.req_id]
-            del self._detokenizers[request.req_id]
-            self.runner.sampler.release(request.req_id)
-            self.stats.num_finished += 1
-        try:
-            callback(output)
-        except Exception:  # a broken consumer loses its own request, nothing else
-            logger.exception("output callback for %s failed; aborting it", request.req_id)
-            if not finished:
-                self.scheduler.abort(request.req_id)
+    def _emit(self, emitted: list[tuple[Request, list[int], str]]) -> None:
+        """Hand each output to its request's callback; a finished request is forgotten."""
+        for request, new_token_ids, new_text in emitted:
+            finished = request.status.finished
+            output = RequestOutput(request.req_id, new_token_ids, new_text, finished, request.status.finish_reason,
+                                   request.num_prompt_tokens, request.num_output_tokens, request.error)
+            callback = self._callbacks[request.req_id]
+            if finished:
+                del self._callbacks[request.req_id]
+                self.outputs.remove(request.req_id)
+            try:
+                callback(output)
+            except Exception:  # a broken consumer loses its own request, nothing else
+                logger.exception("output callback for %s failed; aborting it", request.req_id)
+                if not finished:
+                    self.scheduler.abort(request.req_id)
 
     def _prompt_token_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        """The prompt as token ids, each input bounded before any work is done on it."""
         if (prompt is None) == (prompt_token_ids is None):
             raise InvalidRequestError("prompt", "give exactly one of a text prompt or prompt token ids")
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise InvalidRequestError("prompt", "must be a non-empty string")
-            return self.tokenizer.encode(prompt).ids
+            limit = self.config.prompt_byte_limit
+            # len(str) <= UTF-8 bytes <= 4 len(str): only prompts near the limit pay for encoding.
+            if len(prompt) > limit or (4 * len(prompt) > limit and len(prompt.encode("utf-8", "replace")) > limit):
+                raise InvalidRequestError("prompt", f"longer than {limit} bytes: it cannot fit in max_model_len "
+                                                    f"{self.config.max_model_len} tokens")
+            # encode_batch releases the GIL (encode does not): the loop thread keeps stepping meanwhile.
+            return self.tokenizer.encode_batch([prompt])[0].ids
         if not prompt_token_ids:
             raise InvalidRequestError("input_ids", "must be a non-empty list of token ids")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise InvalidRequestError("prompt", f"{len(prompt_token_ids)} tokens leave no room in max_model_len "
+                                                f"{self.config.max_model_len}")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError("input_ids", f"ids must be in [0, {self.vocab_size}), got {bad[:5]}")

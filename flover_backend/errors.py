@@ -12,3 +12,7 @@ class InvalidRequestError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine's loop has stopped and takes no more requests."""
+
+
+class EngineBusyError(RuntimeError):
+    """The waiting queue is full: the request is refused now rather than queued without bound."""

@@ -53,10 +53,10 @@ def measure(engine: Engine, trace: list[TraceRequest]) -> dict:
 def decode_step_seconds(engine: Engine, batch_size: int, steps: int = 12) -> tuple[float, float]:
     """Medians of a whole fused iteration (forward, LM head, sampling, emit) with `batch_size` requests
     decoding, and of its decode forward alone; the difference is the iteration's work around the forward."""
-    before = len(engine.stats.iterations)
+    before = engine.stats.num_iterations
     trace = make_trace(batch_size, interval_s=0.0, gen_len=(steps + 2, steps + 2), seed=batch_size)
     replay(engine, trace)
-    records = list(engine.stats.iterations)[before:]
+    records = engine.stats.recent(engine.stats.num_iterations - before)
     pure = [r for r in records if r.num_decode == batch_size and r.num_prefill == 0]
     return statistics.median(r.seconds for r in pure), statistics.median(r.decode_seconds for r in pure)
 

@@ -26,7 +26,16 @@ class StepTimings:
     compaction: float = 0.0
     decode: float = 0.0
     prefill: float = 0.0
-    sampling: float = 0.0
+
+
+@dataclass
+class StepResult:
+    """What one iteration produced: a token per scheduled request (aligned with `scheduled`) and its costs."""
+
+    token_ids: list[int]
+    row_errors: dict[int, str]  # index into the scheduled requests -> why that request's token failed
+    moved_bytes: int
+    timings: StepTimings
 
 
 @dataclass
@@ -87,8 +96,10 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[int], int, StepTimings]:
-        """Run one iteration; returns the sampled ids (aligned with `out.scheduled`), compaction bytes, timings."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one iteration: compact, decode, prefill, sample a token for every scheduled request."""
+        for req_id in out.finished_req_ids:
+            self.sampler.release(req_id)
         plan = StepPlan.from_output(out)
         try:
             if self.workers is not None:
@@ -98,11 +109,9 @@ class ModelRunner:
             if self.workers is not None:
                 self.workers.check(grace_s=5.0)  # a collective that failed because a rank died: say so
             raise
-        start = time.perf_counter()
         with torch.inference_mode():
             sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
-        timings.sampling = time.perf_counter() - start
-        return sampled, moved_bytes, timings
+        return StepResult(sampled, {}, moved_bytes, timings)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, int, StepTimings]:

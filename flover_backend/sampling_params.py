@@ -10,6 +10,8 @@ from typing import Any
 from flover_backend.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # longer ones would hold back that much streamed text, waiting to rule them out
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass
@@ -28,20 +30,30 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool),
-               "max_tokens", f"must be an integer, got {self.max_tokens!r}")
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        _check(_is_int(self.max_tokens), "max_tokens", f"must be an integer, got {self.max_tokens!r}")
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check(_is_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
                "temperature", f"must be in [0, 100], got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
                "seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"must be a list of at most {MAX_STOP_STRINGS} strings")
+        _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+               f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
+        _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               "stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative integers")
+        self._stop_token_set = frozenset(self.stop_token_ids)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+
+    def is_stop_token(self, token_id: int) -> bool:
+        """Whether `token_id` is one of the request's stop tokens (a set look-up, however many there are)."""
+        return token_id in self._stop_token_set
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +71,10 @@ class SamplingParams:
             return cls(**values)
         except TypeError as exc:
             raise InvalidRequestError("sampling_parameters", str(exc)) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

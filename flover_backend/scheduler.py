@@ -19,28 +19,24 @@ class SchedulerOutput:
     decode_span: int = 0  # the decode forward covers rows [0, decode_span)
     prefill: list[Request] = field(default_factory=list)
     aborted: list[Request] = field(default_factory=list)  # left the loop at this boundary
+    finished_req_ids: list[str] = field(default_factory=list)  # left since the last boundary: drop their state
 
     @property
     def scheduled(self) -> list[Request]:
         """Requests that get a token this iteration, in the order the sampled ids come back."""
         return self.decode + self.prefill
 
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to run and nothing to report."""
-        return not (self.decode or self.prefill or self.aborted)
-
 
 class Scheduler:
     """Waiting queue, running set and the admission policy (`fused`, `window` or `solo`)."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: set[int]):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.eos_token_ids = eos_token_ids
         self.rows = RowTable(config.max_num_seqs, config.compaction)
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self._pending_aborts: set[str] = set()
+        self._finished_req_ids: list[str] = []
 
     @property
     def num_waiting(self) -> int:
@@ -75,6 +71,7 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         """The iteration boundary: apply aborts, compact freed rows, admit arrivals."""
         out = SchedulerOutput(aborted=self._apply_aborts())
+        out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         cached = {req_id: req.num_cached_tokens for req_id, req in self.running.items()}
         out.moves = self.rows.plan_compaction(cached)
         for move in out.moves:
@@ -88,17 +85,6 @@ class Scheduler:
             out.prefill.append(request)
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled_ids: list[int]) -> None:
-        """Append each scheduled request's new token and retire those it finishes."""
-        for request, token_id in zip(out.scheduled, sampled_ids, strict=True):
-            request.output_token_ids.append(token_id)
-            if token_id in request.params.stop_token_ids or (
-                token_id in self.eos_token_ids and not request.params.ignore_eos
-            ):
-                self.finish(request, RequestStatus.FINISHED_STOP)
-            elif request.num_output_tokens >= request.params.max_tokens:
-                self.finish(request, RequestStatus.FINISHED_LENGTH)
-
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Retire a request now; its row becomes a hole that the next boundary compacts."""
         assert status.finished
@@ -110,6 +96,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
+        self._finished_req_ids.append(request.req_id)
 
     def _apply_aborts(self) -> list[Request]:
         aborted = []

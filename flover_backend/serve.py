@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from flover_backend.repository import derive_repository
-from flover_backend.triton_env import PROJECT_ROOT, server_command, server_env, work_dir
+from flover_backend.triton_env import (
+    ADMIN_KEY_HEADER,
+    GRPC_ADMIN_KEY_HEADER,
+    PROJECT_ROOT,
+    SHM_DIR,
+    server_command,
+    server_env,
+    work_dir,
+)
+from flover_backend.watchdog import Watchdog, WatchdogGaveUp
 
 
 class TritonServerError(RuntimeError):
@@ -36,12 +48,16 @@ class TritonServer:
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
                  log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
-                 stop_timeout_s: float = 40.0):
+                 stop_timeout_s: float = 40.0, admin_key: str | None = None):
         self.model_repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.log_path = Path(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log")
         self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
+        # Random per launch when the operator gives none: then only this process can use the admin APIs.
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        # Names this server's shared memory, so stop() (or, if this process is killed, the next launch) removes it.
+        self.shm_prefix = f"flover-{os.getpid()}-{secrets.token_hex(4)}-"
         self.process: subprocess.Popen | None = None
         # Clients cannot connect to a wildcard address; they reach a server bound to one over loopback.
         self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -55,6 +71,16 @@ class TritonServer:
     def grpc_url(self) -> str:
         """host:port of the gRPC endpoint, as tritonclient.grpc and perf_analyzer take it."""
         return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP header that opens the admin APIs (model load/unload) of this server."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The gRPC metadata that opens the same APIs over gRPC."""
+        return {GRPC_ADMIN_KEY_HEADER: self.admin_key}
 
     @property
     def metrics_url(self) -> str:
@@ -71,13 +97,16 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         """Start tritonserver and block until /v2/health/ready answers 200; raise TritonServerError if not."""
+        remove_orphaned_shm()
         command = server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
-                                 self.host, extra_args=self.extra_args)
+                                 self.host, extra_args=self.extra_args, admin_key=self.admin_key,
+                                 shm_prefix=self.shm_prefix)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # Own session: a terminal's Ctrl-C reaches only us, and stop() can signal the stubs too.
             self.process = subprocess.Popen(command, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _die_with_parent
         try:
             self._wait_ready()
         except BaseException:
@@ -127,11 +156,15 @@ class TritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.process.wait()
+        code = self.process.wait()
+        for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left behind by a stub that was killed
+            segment.unlink(missing_ok=True)
+        return code
 
     def model_names(self) -> list[str]:
         """Names of the models the server has loaded and marked READY, from the repository index."""
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers=self.admin_headers)
         with urllib.request.urlopen(request, timeout=5.0) as reply:
             index = json.load(reply)
         return sorted({entry["name"] for entry in index if entry.get("state") == "READY"})
@@ -145,6 +178,27 @@ class TritonServer:
         errors = [line for line in lines if re.match(r"E\d{4} |error:", line)]
         return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
                           f"--- last {num_lines} lines ---", *lines[-num_lines:]])
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it (no locks taken)
+
+
+def remove_orphaned_shm() -> None:
+    """Remove the shared memory of servers whose launcher has died (its pid is in each region's name)."""
+    for segment in SHM_DIR.glob("flover-*-*"):
+        pid = segment.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            segment.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the forked child: have the kernel SIGKILL tritonserver if the launcher dies, however it dies.
+
+    The kernel sends it when the thread that started the server exits: start servers from a thread that
+    lives as long as they should (the main thread, in the launcher and the tests).
+    """
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _answers(url: str) -> bool:
@@ -168,6 +222,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", help="serve only these models of the repository (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an engine parameter of every served model, e.g. --set model=builtin:tiny")
+    parser.add_argument("--admin-key", default=os.environ.get("FLOVER_ADMIN_KEY"),
+                        help="key that opens the model load/unload and other admin APIs (header flover-admin-key); "
+                             "default $FLOVER_ADMIN_KEY, else a random key nobody else learns: the APIs stay shut")
+    parser.add_argument("--watchdog-interval", type=float, default=5.0,
+                        help="seconds between checks that every model's backend is alive and making progress "
+                             "(0 turns the watchdog off)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="a model with requests running but no iteration for this long is reloaded")
     parser.set_defaults(run=run_serve)
 
 
@@ -179,22 +241,56 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = dict(item.split("=", 1) for item in args.set)
         repository = derive_repository(work_dir() / f"repository-{args.http_port}", args.models, settings,
                                        source=args.model_repository)
-    server = TritonServer(repository, host=args.host, http_port=args.http_port,
-                          grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=args.log_verbose)
+    server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key)
     try:
         with server:
             print(f"tritonserver ready (log: {server.log_path})\n"
                   f"  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n  metrics: {server.metrics_url}\n"
-                  f"  models:  {', '.join(server.model_names()) or '(none)'}\nCtrl-C to stop.", flush=True)
-            code = server.wait()
+                  f"  models:  {', '.join(server.model_names()) or '(none)'}\n"
+                  f"  admin:   {'key from --admin-key' if args.admin_key else 'closed (no --admin-key given)'}\n"
+                  "Ctrl-C to stop.", flush=True)
+            code = supervise(server, args.watchdog_interval, args.stall_timeout, _stop_on_signals())
+            if code is None:
+                print("stopped.", file=sys.stderr)
+                return 0
             print(f"tritonserver exited on its own with code {code}\n{server.log_excerpt()}", file=sys.stderr)
             return max(code, 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while starting
         print("stopped.", file=sys.stderr)
         return 0
-    except TritonServerError as error:
+    except (TritonServerError, WatchdogGaveUp) as error:
         print(error, file=sys.stderr)
         return 1
+
+
+def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:
+    """Until `stop` is set (None) or tritonserver exits (its code), reloading broken models every interval_s.
+
+    Raises WatchdogGaveUp when a model cannot be kept serving (the caller stops the server and exits 1).
+    """
+    watchdog = Watchdog(server, stall_s=stall_s) if interval_s > 0 else None
+    next_check = time.monotonic() + interval_s
+    while not stop.wait(timeout=1.0):
+        code = server.poll()
+        if code is not None:
+            return code
+        if watchdog is not None and time.monotonic() >= next_check:
+            watchdog.check()
+            next_check = time.monotonic() + interval_s
+    return None
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C and SIGTERM set, instead of raising KeyboardInterrupt wherever the main thread is.
+
+    An exception raised at an arbitrary point can land inside Popen's wait bookkeeping and leave its lock
+    held, after which the child's exit is never seen: the stop then waits out every timeout.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -17,6 +17,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NGC_TRITON = Path("/opt/tritonserver")
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 STUB = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")  # where the Python backend's shared-memory regions live
+# Closed to clients without the admin key: loading a model runs its Python (a `file:` override can ship
+# any model.py), unloading takes the service down, and the rest reads or rewrites server-side state.
+ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_KEY_HEADER = "flover-admin-key"  # lowercase: gRPC metadata keys must be
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # tritonserver prefixes gRPC's
 
 
 def work_dir() -> Path:
@@ -121,8 +127,17 @@ def server_env(stub_bin: Path | None = None) -> dict[str, str]:
 
 def server_command(model_repository: str | Path, http_port: int = 8000, grpc_port: int = 8001,
                    metrics_port: int = 8002, host: str = "127.0.0.1", backend_dir: Path | None = None,
-                   extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The tritonserver command line serving `model_repository` on `host` at the three ports."""
+                   extra_args: list[str] | tuple[str, ...] = (), *, admin_key: str,
+                   shm_prefix: str = "") -> list[str]:
+    """The tritonserver command line serving `model_repository` on `host` at the three ports.
+
+    The admin APIs (ADMIN_APIS) answer only requests carrying `admin_key` in the ADMIN_KEY_HEADER header
+    (HTTP) or the GRPC_ADMIN_KEY_HEADER metadata (gRPC); the Python backend's shared-memory regions are named `shm_prefix`*.
+    """
+    if not admin_key or any(c in admin_key for c in ",:= \t\n"):
+        raise ValueError("the admin key must be non-empty, without spaces, ',', ':' or '='")
+    restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_KEY_HEADER}={admin_key}"
+    backend_config = [f"--backend-config=python,shm-region-prefix-name={shm_prefix}"] if shm_prefix else []
     if in_ngc_container():
         binary, backend_dir = NGC_TRITON / "bin" / "tritonserver", backend_dir or NGC_TRITON / "backends"
     else:
@@ -136,5 +151,7 @@ def server_command(model_repository: str | Path, http_port: int = 8000, grpc_por
         f"--metrics-address={host}", f"--metrics-port={metrics_port}",
         # Explicit control, loading every model of the repository: a model whose engine died unloads itself.
         "--model-control-mode=explicit", "--load-model=*",
+        f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+        *backend_config,
         *extra_args,
     ]

@@ -189,7 +189,8 @@ def test_compose_gpu_service(compose):
 def test_compose_ports_health_and_volumes(compose, service_name, dockerfile):
     service = compose["services"][service_name]
     assert (DOCKER / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKER / dockerfile
-    assert sorted(service["ports"]) == sorted(f"{port}:{port}" for port in PORTS.values())
+    published = sorted(compose_defaults(port) for port in service["ports"])
+    assert published == sorted(f"127.0.0.1:{port}:{port}" for port in PORTS.values()), "loopback by default"
     assert any(f"127.0.0.1:{PORTS['http']}/v2/health/ready" in word for word in service["healthcheck"]["test"])
     mounts = dict(reversed(compose_defaults(volume).split(":")[:2]) for volume in service["volumes"])
     assert "/models" in mounts
@@ -218,7 +219,7 @@ def test_k8s_deployment(k8s):
         get = container[kind]["httpGet"]
         return get["path"], ports.get(get["port"], get["port"])  # a named port resolves to its number
 
-    assert probe("readinessProbe") == ("/v2/health/ready", PORTS["http"])
+    assert probe("readinessProbe") == ("/v2/models/flover/ready", PORTS["http"])
     assert probe("livenessProbe") == ("/v2/health/live", PORTS["http"])
 
     annotations = pod["metadata"]["annotations"]
@@ -251,3 +252,25 @@ def test_k8s_service_reaches_the_pods(k8s):
     for port in service["ports"]:
         target = container_ports.get(port["targetPort"], port["targetPort"])
         assert port["port"] == PORTS[port["name"]] == target
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_run_as_a_user_that_owns_only_flover_home(name):
+    users = [rest for key, rest in instructions(name) if key == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the last USER must not be root"
+    (created,) = [rest for key, rest in instructions(name) if key == "RUN" and "useradd" in rest]
+    assert f"--uid {users[-1]}" in created and f"chown flover {env(name)['FLOVER_HOME']}" in created
+
+
+def test_k8s_runs_unprivileged_with_the_admin_key_from_a_secret_and_a_network_policy(k8s):
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    (container,) = pod["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    (key,) = [item for item in container["env"] if item["name"] == "FLOVER_ADMIN_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True
+    policy = k8s["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= k8s["Deployment"]["spec"]["template"]["metadata"][
+        "labels"].items()
+    allowed = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
+    assert allowed == set(PORTS.values()) and all(rule["from"] for rule in policy["ingress"])

@@ -2,13 +2,18 @@
 
 import queue
 import threading
-import time
 
 import pytest
 
-from flover_backend import Engine, EngineConfig, EngineDeadError, InvalidRequestError, SamplingParams
+from flover_backend import (
+    Engine,
+    EngineBusyError,
+    EngineConfig,
+    EngineDeadError,
+    InvalidRequestError,
+    SamplingParams,
+)
 from flover_backend.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
-from flover_backend.request import RequestStatus
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
            "hello hello hello", "0123456789", "Zebras", "What is the capital of France?"]
@@ -19,28 +24,24 @@ def engine_config(**overrides) -> EngineConfig:
                            **overrides})
 
 
-def collect(engine: Engine, prompt: str, params: SamplingParams, outputs: dict, done: threading.Semaphore):
-    def on_output(output):
-        outputs.setdefault(output.req_id, []).append(output)
-        if output.finished:
-            done.release()
-    return engine.add_request(prompt, params, on_output=on_output)
-
-
-def run_staggered(config: EngineConfig, jobs: list[tuple[str, SamplingParams]], gap_s: float = 0.01,
+def run_staggered(config: EngineConfig, jobs: list[tuple[str, SamplingParams]], steps_between: int = 1,
                   prepare=None) -> list[list]:
-    """Submit jobs with gaps to a running engine (after `prepare(engine)`); return each job's outputs in order."""
+    """Submit each job `steps_between` iterations after the last, driving the engine on this thread (after
+    `prepare(engine)`), so how requests overlap never depends on this machine's speed; each job's outputs."""
     outputs: dict = {}
-    done = threading.Semaphore(0)
-    with Engine(config) as engine:
+    engine = Engine(config)
+    try:
         if prepare is not None:
             prepare(engine)
         ids = []
         for prompt, params in jobs:
-            ids.append(collect(engine, prompt, params, outputs, done))
-            time.sleep(gap_s)
-        for _ in jobs:
-            assert done.acquire(timeout=60)
+            ids.append(engine.add_request(prompt, params, on_output=lambda o: outputs.setdefault(o.req_id, []).append(o)))
+            for _ in range(steps_between):
+                engine.step()
+        engine.run_until_idle()
+    finally:
+        engine.stop()
+    assert all(outputs[req_id][-1].finished for req_id in ids)
     return [outputs[req_id] for req_id in ids]
 
 
@@ -56,7 +57,7 @@ def greedy_jobs():
 @pytest.fixture(scope="module")
 def alone(greedy_jobs):
     """Each job served with nothing else in the batch."""
-    return run_staggered(engine_config(policy="solo"), greedy_jobs, gap_s=0.0)
+    return run_staggered(engine_config(policy="solo"), greedy_jobs, steps_between=0)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"compaction": False}, {"policy": "window", "window_ms": 20}],
@@ -113,13 +114,12 @@ def test_static_decode_across_key_buckets():
 
 
 def test_fused_run_really_batched_and_compacted(greedy_jobs):
-    with Engine(engine_config()) as engine:
-        outputs, done = {}, threading.Semaphore(0)
-        for prompt, params in greedy_jobs:
-            collect(engine, prompt, params, outputs, done)
-        for _ in greedy_jobs:
-            assert done.acquire(timeout=60)
-        records = list(engine.stats.iterations)
+    engine = Engine(engine_config())
+    for prompt, params in greedy_jobs:
+        engine.add_request(prompt, params, on_output=lambda o: None)
+    engine.run_until_idle()
+    engine.stop()
+    records = list(engine.stats.iterations)
     assert max(r.num_decode for r in records) == 4  # all rows in one forward
     assert any(r.num_waiting for r in records)  # 8 requests, 4 rows: some waited
     assert engine.stats.compaction_bytes > 0
@@ -129,8 +129,8 @@ def test_fused_run_really_batched_and_compacted(greedy_jobs):
 def test_seeded_sampling_same_fused_or_alone():
     jobs = [(p, SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=100 + i, ignore_eos=True))
             for i, p in enumerate(PROMPTS[:5])]
-    fused = run_staggered(engine_config(), jobs, gap_s=0.005)
-    solo = run_staggered(engine_config(policy="solo"), jobs, gap_s=0.0)
+    fused = run_staggered(engine_config(), jobs)
+    solo = run_staggered(engine_config(policy="solo"), jobs, steps_between=0)
     assert [token_ids(o) for o in fused] == [token_ids(o) for o in solo]
     greedy = run_staggered(engine_config(), [(p, SamplingParams(max_tokens=10, ignore_eos=True)) for p, _ in jobs])
     assert [token_ids(o) for o in fused] != [token_ids(o) for o in greedy]  # sampling really sampled
@@ -160,7 +160,7 @@ def test_abort_frees_row_in_the_same_iteration():
 
 def test_full_arena_queues_and_serves_everyone():
     jobs = [(f"request {i}", SamplingParams(max_tokens=5, ignore_eos=True)) for i in range(12)]
-    results = run_staggered(engine_config(max_num_seqs=2), jobs, gap_s=0.0)
+    results = run_staggered(engine_config(max_num_seqs=2), jobs, steps_between=0)
     assert [len(token_ids(o)) for o in results] == [5] * 12
 
 
@@ -201,17 +201,86 @@ def test_eos_finishes_with_stop_reason():
     assert outputs[-1].finish_reason == "stop" and token_ids(outputs) == tokens[:3]
 
 
-def test_stop_aborts_everything_in_flight():
-    engine = Engine(engine_config()).start()
+def test_stop_aborts_everything_in_flight_and_queued():
+    engine = Engine(engine_config(max_num_seqs=1))
     outputs: queue.SimpleQueue = queue.SimpleQueue()
-    engine.add_request("never finishes", SamplingParams(max_tokens=80, ignore_eos=True), on_output=outputs.put)
-    time.sleep(0.05)
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    running = engine.add_request("never finishes", params, on_output=outputs.put)
+    for _ in range(3):
+        engine.step()
+    waiting = engine.add_request("never starts", params, on_output=outputs.put)
     engine.stop()
-    last = None
+    finals = {}
     while not outputs.empty():
-        last = outputs.get()
-    assert last.finished and last.finish_reason == "abort"
-    assert RequestStatus.FINISHED_ABORT.finish_reason == "abort"
+        output = outputs.get()
+        finals[output.req_id] = output
+    assert finals[running].finished and finals[running].finish_reason == "abort"
+    assert finals[running].num_output_tokens == 3
+    assert finals[waiting].finished and finals[waiting].finish_reason == "abort"
+    with pytest.raises(EngineDeadError):
+        engine.add_request("late", params, on_output=outputs.put)
+
+
+class SlowInbox(queue.SimpleQueue):
+    """An inbox whose first `put` of a request stalls until released: add_request caught mid-way."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def put(self, item, block=True, timeout=None):
+        if item[0] == "add" and not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(timeout=30)
+        super().put(item, block, timeout)
+
+
+def test_request_queued_while_the_loop_shuts_down_gets_a_final_answer():
+    """add_request checked the engine was running, then the loop made its last drain before the put landed."""
+    engine = Engine(engine_config())
+    engine._inbox = inbox = SlowInbox()
+    engine.start()
+    finals: queue.SimpleQueue = queue.SimpleQueue()
+    adder = threading.Thread(target=engine.add_request, args=("late",),
+                             kwargs={"on_output": lambda o: o.finished and finals.put(o)})
+    adder.start()
+    assert inbox.entered.wait(timeout=30)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    stopper.join(timeout=0.5)  # the loop would be gone by now, had add_request not held it back
+    inbox.release.set()
+    adder.join(timeout=30)
+    stopper.join(timeout=30)
+    assert finals.get(timeout=5).finish_reason == "abort"
+
+
+def test_full_waiting_queue_refuses_at_once_and_accepts_again_once_admitted():
+    engine = Engine(engine_config(max_num_seqs=1, max_num_waiting=2))
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for i in range(2):
+        engine.add_request(f"r{i}", params, on_output=lambda o: None)
+    with pytest.raises(EngineBusyError, match="busy"):
+        engine.add_request("one too many", params, on_output=lambda o: None)
+    engine.step()  # r0 takes the row: one place frees in the queue
+    engine.add_request("now fits", params, on_output=lambda o: None)
+    with pytest.raises(EngineBusyError):
+        engine.add_request("full again", params, on_output=lambda o: None)
+    engine.run_until_idle()
+    engine.add_request("after the rush", params, on_output=lambda o: None)
+    engine.stop()
+
+
+def test_prompts_are_bounded_before_tokenizing():
+    engine = Engine(engine_config(max_model_len=64))
+    limit = engine.config.prompt_byte_limit
+    assert limit == 32 * 64
+    with pytest.raises(InvalidRequestError, match=f"longer than {limit} bytes"):
+        engine.add_request("x" * (limit + 1), on_output=print)
+    with pytest.raises(InvalidRequestError, match=f"longer than {limit} bytes"):  # 2-byte characters
+        engine.add_request("é" * (limit // 2 + 1), on_output=print)
+    with pytest.raises(InvalidRequestError, match="no room"):
+        engine.add_request(prompt_token_ids=[5] * 10**6, on_output=print)
+    engine.stop()
 
 
 def test_crashed_loop_fails_requests_clearly_and_refuses_new_ones():

@@ -1,11 +1,22 @@
 """Triton inputs to engine requests: good inputs map across, bad ones name their field."""
 
+import json
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flover_backend.errors import InvalidRequestError
 from flover_backend.repository import derive_repository, set_parameter
-from flover_backend.triton_model.parsing import parse_request
+from flover_backend.triton_model import parsing
+from flover_backend.triton_model.schema import INPUTS
+
+LIMITS = parsing.RequestLimits(max_prompt_bytes=1000, max_prompt_tokens=100)
+
+
+def parse_request(inputs):
+    return parsing.parse_request(inputs, LIMITS)
 
 
 def text(value: str) -> np.ndarray:
@@ -14,7 +25,8 @@ def text(value: str) -> np.ndarray:
 
 def test_defaults_and_explicit_inputs():
     parsed = parse_request({"text_input": text("hi")})
-    assert parsed.prompt == "hi" and parsed.stream and not parsed.exclude_input_in_output
+    assert parsed.prompt == "hi" and parsed.prompt_token_ids is None
+    assert parsed.stream and not parsed.exclude_input_in_output
     assert parsed.params.max_tokens == 16 and parsed.params.greedy
     parsed = parse_request({
         "text_input": text("hi"), "max_tokens": np.array([5], np.int32), "temperature": np.array([0.5], np.float32),
@@ -41,10 +53,22 @@ def test_input_ids_prompt():
 
 
 @pytest.mark.parametrize("inputs, field", [
-    ({}, "text_input"),
     ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, "text_input"),
+    ({"text_input": text("x" * 1001)}, "text_input"),
+    ({"input_ids": np.zeros(100, np.int32)}, "input_ids"),
+    ({"text_input": text("x"), "stop": np.array([b"s"] * 17, dtype=np.object_)}, "stop"),
+    ({"text_input": text("x"), "stop": np.array([b"s" * 1025], dtype=np.object_)}, "stop"),
+    ({"text_input": text("x"), "stop": np.array([b"s" * 257], dtype=np.object_)}, "stop"),
+    ({"text_input": text("x"), "stop_token_ids": np.zeros(257, np.int32)}, "stop_token_ids"),
+    ({"text_input": text("x"), "stop_token_ids": np.array([-1], np.int32)}, "stop_token_ids"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"stop_token_ids": ' + str(list(range(300))) + "}")},
+     "stop_token_ids"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"stop": {"a": 1}}')}, "stop"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"stop_token_ids": [true]}')}, "stop_token_ids"),
+    ({"text_input": text("x"), "sampling_parameters": text("[" * 100_000)}, "sampling_parameters"),
+    ({"text_input": text("x"), "sampling_parameters": text("[" * 10_000 + "]" * 10_000)}, "sampling_parameters"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"temperature": "nan"}')}, "temperature"),
     ({"text_input": np.array([b"\xff\xfe"], dtype=np.object_)}, "text_input"),
-    ({"text_input": text("x"), "input_ids": np.array([1], np.int32)}, "input_ids"),
     ({"text_input": text("x"), "max_tokens": np.array([-1], np.int32)}, "max_tokens"),
     ({"text_input": text("x"), "max_tokens": np.array([1.5], np.float32)}, "max_tokens"),
     ({"text_input": text("x"), "top_p": np.array([0.0], np.float32)}, "top_p"),
@@ -61,6 +85,41 @@ def test_bad_inputs_name_their_field(inputs, field):
     with pytest.raises(InvalidRequestError) as info:
         parse_request(inputs)
     assert info.value.field == field
+
+
+def random_array(draw, spec) -> np.ndarray:
+    """Any values Triton could hand the model for this input (its dtype, any length), and some it could not."""
+    size = draw(st.integers(0, 3))
+    if spec.python_type is str:
+        return np.array(draw(st.lists(st.binary(max_size=40), min_size=size, max_size=size)), dtype=np.object_)
+    if spec.python_type is bool:
+        return np.array(draw(st.lists(st.booleans(), min_size=size, max_size=size)), dtype=bool)
+    if spec.python_type is float:
+        return np.array(draw(st.lists(st.floats(width=32), min_size=size, max_size=size)), dtype=np.float32)
+    return np.array(draw(st.lists(st.integers(-2**31, 2**31 - 1), min_size=size, max_size=size)), dtype=np.int32)
+
+
+@st.composite
+def request_inputs(draw) -> dict:
+    chosen = draw(st.lists(st.sampled_from(INPUTS), unique=True, max_size=6))
+    inputs = {spec.name: random_array(draw, spec) for spec in chosen}
+    if draw(st.booleans()):
+        fields = st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                                                  "stop_token_ids", "ignore_eos", "other"]),
+                                 st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                                              lambda inner: st.lists(inner, max_size=3)), max_size=4)
+        inputs["sampling_parameters"] = text(json.dumps(draw(fields)))
+    return inputs
+
+
+@settings(max_examples=400, deadline=None)
+@given(request_inputs())
+def test_any_input_parses_or_fails_naming_a_field(inputs):
+    """The adapter answers a bug with 'internal error': no input may reach one."""
+    try:
+        parse_request(inputs)
+    except InvalidRequestError as exc:
+        assert exc.field in {spec.name for spec in INPUTS} | {"prompt"}
 
 
 def test_derive_repository_overrides_parameters_and_counts(tmp_path):

@@ -7,11 +7,9 @@ from flover_backend.request import Request, RequestStatus
 from flover_backend.sampling_params import SamplingParams
 from flover_backend.scheduler import Scheduler
 
-EOS = 2
-
 
 def make_scheduler(**overrides) -> Scheduler:
-    return Scheduler(EngineConfig(**{"max_num_seqs": 4, **overrides}), eos_token_ids={EOS})
+    return Scheduler(EngineConfig(**{"max_num_seqs": 4, **overrides}))
 
 
 def make_request(req_id: str, prompt_len: int = 3, max_tokens: int = 4, arrival: float = 0.0, **params) -> Request:
@@ -20,8 +18,12 @@ def make_request(req_id: str, prompt_len: int = 3, max_tokens: int = 4, arrival:
 
 
 def run_iteration(scheduler: Scheduler, now: float = 0.0, token: int = 7):
+    """One boundary, then a token for everyone scheduled; those at max_tokens finish (the engine's rule)."""
     out = scheduler.schedule(now)
-    scheduler.update_from_output(out, [token] * len(out.scheduled))
+    for request in out.scheduled:
+        request.output_token_ids.append(token)
+        if request.num_output_tokens >= request.params.max_tokens:
+            scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
     return out
 
 
@@ -64,20 +66,6 @@ def test_compaction_off_leaves_hole_in_span_and_reuses_it():
     scheduler.add_request(make_request("d"))
     out = run_iteration(scheduler)
     assert out.prefill[0].row == 0
-
-
-def test_eos_and_stop_token_ids_finish_with_stop_unless_ignore_eos():
-    scheduler = make_scheduler()
-    plain = make_request("plain", max_tokens=10)
-    ignoring = make_request("ignoring", max_tokens=10, ignore_eos=True)
-    custom = make_request("custom", max_tokens=10, stop_token_ids=[99])
-    for request in (plain, ignoring, custom):
-        scheduler.add_request(request)
-    out = scheduler.schedule(0.0)
-    scheduler.update_from_output(out, [EOS, EOS, 99])
-    assert plain.status == RequestStatus.FINISHED_STOP
-    assert ignoring.status == RequestStatus.RUNNING
-    assert custom.status == RequestStatus.FINISHED_STOP
 
 
 def test_full_arena_queues_fifo_and_admits_as_rows_free():

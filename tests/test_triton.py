@@ -37,7 +37,9 @@ PROMPT = "Temporal fusion on Triton"
 def server(tmp_path_factory, builtin_home):
     repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", settings=SETTINGS,
                              instance_counts={"flover_instances": 2},
-                             variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2})})
+                             variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2}),
+                                       "flover_busy": ("flover", {"policy": "window", "window_ms": 600_000,
+                                                                 "max_num_waiting": 2})})
     ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
@@ -131,7 +133,13 @@ def test_cancel_frees_row_and_others_finish(server):
 
 
 @pytest.mark.parametrize("fields, field", [
-    ({"max_tokens": 4}, "text_input"),
+    ({"max_tokens": 4}, "prompt"),
+    ({"text_input": "x", "input_ids": [1, 2]}, "prompt"),
+    ({"text_input": "x" * (32 * 256 + 1)}, "text_input"),
+    ({"input_ids": [-5, 3]}, "input_ids"),
+    ({"text_input": "x", "stop": ["s" * 257]}, "stop"),
+    ({"text_input": "x", "stop_token_ids": list(range(257))}, "stop_token_ids"),
+    ({"text_input": "x", "sampling_parameters": "[" * 50_000}, "sampling_parameters"),
     ({"text_input": "x", "max_tokens": -3}, "max_tokens"),
     ({"text_input": "x", "max_tokens": 10_000}, "max_tokens"),
     ({"text_input": "x", "top_p": 1.5}, "top_p"),
@@ -145,6 +153,30 @@ def test_bad_input_gets_error_naming_field_and_server_goes_on(server, fields, fi
         list(stream_grpc(server.grpc_url, "flover", **fields))
     chunks = list(stream_grpc(server.grpc_url, "flover", text_input="still alive", max_tokens=3, ignore_eos=True))
     assert sum(len(c.token_ids) for c in chunks) == 3
+
+
+def test_huge_prompt_is_refused_before_tokenizing_while_others_stream(server):
+    keeper = iter(GrpcStream(server.grpc_url, "flover", {"text_input": "keep", "max_tokens": 200, "ignore_eos": True}))
+    next(keeper)
+    with pytest.raises(ServerError, match="text_input: longer than"):
+        list(stream_grpc(server.grpc_url, "flover", text_input="x" * 10_000_000, max_tokens=4))
+    rest = list(keeper)
+    assert rest[-1].finish_reason == "length" and rest[-1].num_output_tokens == 200
+
+
+def test_full_queue_answers_busy_at_once_and_takes_requests_again_once_it_drains(server):
+    """flover_busy's window never closes by itself: its requests wait until cancelled, whatever the speed."""
+    params = {"text_input": "wait", "max_tokens": 4}
+    waiting = [GrpcStream(server.grpc_url, "flover_busy", params) for _ in range(2)]
+    assert wait_for(lambda: metric(server, "flover_requests_waiting", "flover_busy") == 2)
+    with pytest.raises(ServerError, match="busy"):
+        list(stream_grpc(server.grpc_url, "flover_busy", text_input="refused", max_tokens=2))
+    for stream in waiting:
+        stream.cancel()
+    assert wait_for(lambda: metric(server, "flover_requests_waiting", "flover_busy") == 0)
+    again = GrpcStream(server.grpc_url, "flover_busy", params)
+    assert wait_for(lambda: metric(server, "flover_requests_waiting", "flover_busy") == 1)
+    again.cancel()
 
 
 def test_wrong_dtype_and_shape_rejected_naming_the_input(server):

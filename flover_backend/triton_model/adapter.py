@@ -15,13 +15,12 @@ import triton_python_backend_utils as pb_utils
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine import Engine, RequestOutput
-from flover_backend.errors import EngineDeadError, InvalidRequestError
+from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from flover_backend.triton_model.metrics import EngineMetrics
-from flover_backend.triton_model.parsing import ParsedRequest, parse_request
+from flover_backend.triton_model.parsing import ParsedRequest, RequestLimits, parse_request
+from flover_backend.triton_model.schema import INPUTS
 
 logger = logging.getLogger(__name__)
-INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-               "stop_token_ids", "ignore_eos", "stream", "exclude_input_in_output", "sampling_parameters")
 CANCEL_POLL_S = 0.02  # how often in-flight requests are checked for client cancellation
 _STOP = object()
 
@@ -49,7 +48,9 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the flover model must be decoupled (it streams)")
         settings = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
-        self.engine = Engine(EngineConfig.from_dict(settings)).start()
+        config = EngineConfig.from_dict(settings)
+        self.engine = Engine(config).start()
+        self.limits = RequestLimits(max_prompt_bytes=config.prompt_byte_limit, max_prompt_tokens=config.max_model_len)
         self.metrics = EngineMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -68,11 +69,14 @@ class TritonPythonModel:
                 self._admit(request, sender)
             except InvalidRequestError as exc:
                 _send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
-            except EngineDeadError as exc:
+            except (EngineBusyError, EngineDeadError) as exc:
                 _send_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
+            except Exception:  # a bug: the client gets no traceback or server path, the log gets both
+                logger.exception("request %s failed before reaching the engine", request.request_id())
+                _send_error(sender, "internal error (logged on the server)", pb_utils.TritonError.INTERNAL)
 
     def _admit(self, request, sender) -> None:
-        parsed = parse_request(_inputs(request))
+        parsed = parse_request(_inputs(request), self.limits)
         stream = _Stream(f"{self._id_prefix}{next(self._ids)}", sender, parsed)
         self._streams[stream.req_id] = stream  # before the engine can answer, so cancellation is watched
         try:
@@ -81,6 +85,9 @@ class TritonPythonModel:
         except Exception:
             del self._streams[stream.req_id]
             raise
+        # Wake the response thread: idle, it sleeps until an output comes, and a request waiting for a row
+        # (or a window) makes none, yet its cancellation must be watched and the metrics must show it.
+        self._outputs.put(None)
 
     def finalize(self) -> None:
         """Stop the loop (in-flight requests end with 'abort'), flush their responses, join the threads."""
@@ -176,10 +183,10 @@ class TritonPythonModel:
 def _inputs(request) -> dict[str, np.ndarray]:
     """The request's inputs by name, as NumPy arrays (BYTES become object arrays of bytes)."""
     tensors = {}
-    for name in INPUT_NAMES:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
+    for spec in INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
         if tensor is not None:
-            tensors[name] = tensor.as_numpy()
+            tensors[spec.name] = tensor.as_numpy()
     return tensors
 
 

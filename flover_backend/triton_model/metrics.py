@@ -43,7 +43,7 @@ class EngineMetrics:
         num_iterations, tokens, moved = stats.num_iterations, stats.num_generated_tokens, stats.compaction_bytes
         new = num_iterations - self._seen_iterations
         if new:
-            for record in list(stats.iterations)[-min(new, len(stats.iterations)):]:
+            for record in stats.recent(new):
                 self.iteration_seconds.observe(record.seconds)
             self.iterations.increment(new)
         if tokens > self._seen_tokens:

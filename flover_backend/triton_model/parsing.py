@@ -1,4 +1,9 @@
-"""Triton request inputs -> one engine request, with errors that name the offending input. No pb_utils here."""
+"""Triton request inputs -> one engine request, with errors that name the offending input. No pb_utils here.
+
+Every input is bounded before work is done on it: sizes are checked on the arrays as they arrive, before
+any string is decoded, list converted or JSON parsed. Triton has already checked each input's data type
+and shape against config.pbtxt.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,26 @@ from typing import Any
 import numpy as np
 
 from flover_backend.errors import InvalidRequestError
-from flover_backend.sampling_params import SamplingParams
+from flover_backend.sampling_params import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
+from flover_backend.triton_model.schema import JSON_INPUT, SAMPLING_INPUTS, TensorSpec
 
-# Scalar inputs that map one to one onto SamplingParams fields, with the Python type each must hold.
-SCALAR_PARAMS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
-                 "ignore_eos": bool}
-LIST_PARAMS = {"stop": str, "stop_token_ids": int}
-DEFAULT_MAX_TOKENS = 16
+MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field needs
+# Bytes a stop string may take in UTF-8: each character is at most 4.
+MAX_LIST_LENGTHS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
+MAX_STRING_BYTES = {"stop": 4 * MAX_STOP_STRING_CHARS, JSON_INPUT.name: MAX_JSON_BYTES}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The bounds that depend on the served engine's settings."""
+
+    max_prompt_bytes: int
+    max_prompt_tokens: int
 
 
 @dataclass
@@ -29,25 +47,24 @@ class ParsedRequest:
     exclude_input_in_output: bool
 
 
-def parse_request(inputs: dict[str, np.ndarray]) -> ParsedRequest:
+def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> ParsedRequest:
     """Validate the named input arrays of one request (as `as_numpy()` gives them)."""
-    prompt = _text(inputs, "text_input") if "text_input" in inputs else None
+    prompt = None
+    if "text_input" in inputs:
+        prompt = _text(inputs, "text_input", limits.max_prompt_bytes)
     token_ids = None
     if "input_ids" in inputs:
-        token_ids = [int(t) for t in _flat(inputs, "input_ids")]
-    if prompt is None and token_ids is None:
-        raise InvalidRequestError("text_input", "a prompt is required (text_input or input_ids)")
-    if prompt is not None and token_ids is not None:
-        raise InvalidRequestError("input_ids", "give text_input or input_ids, not both")
-    values: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
-    if "sampling_parameters" in inputs:
-        values |= _sampling_json(_text(inputs, "sampling_parameters"))
-    for name, kind in SCALAR_PARAMS.items():
-        if name in inputs:
-            values[name] = _scalar(inputs, name, kind)
-    for name, kind in LIST_PARAMS.items():
-        if name in inputs:
-            values[name] = [_decode(v, name) if kind is str else int(v) for v in _flat(inputs, name)]
+        ids = _flat(inputs, "input_ids")
+        if ids.size >= limits.max_prompt_tokens:
+            raise InvalidRequestError("input_ids", f"{ids.size} tokens leave no room in max_model_len "
+                                                   f"{limits.max_prompt_tokens}")
+        token_ids = [int(t) for t in ids]
+    values: dict[str, Any] = {}
+    if JSON_INPUT.name in inputs:
+        values |= _sampling_json(_text(inputs, JSON_INPUT.name, MAX_JSON_BYTES))
+    for spec in SAMPLING_INPUTS:
+        if spec.name in inputs:
+            values[spec.name] = _list(inputs, spec) if spec.is_list else _scalar(inputs, spec.name, spec.python_type)
     stream = _scalar(inputs, "stream", bool) if "stream" in inputs else True
     exclude = _scalar(inputs, "exclude_input_in_output", bool) if "exclude_input_in_output" in inputs else False
     return ParsedRequest(prompt, token_ids, SamplingParams.from_dict(values), stream, exclude)
@@ -57,16 +74,28 @@ def _flat(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     return np.asarray(inputs[name]).reshape(-1)
 
 
-def _text(inputs: dict[str, np.ndarray], name: str) -> str:
+def _text(inputs: dict[str, np.ndarray], name: str, max_bytes: int) -> str:
     values = _flat(inputs, name)
     if values.size != 1:
         raise InvalidRequestError(name, f"expected exactly one string, got {values.size}")
-    return _decode(values[0], name)
+    return _decode(values[0], name, max_bytes)
 
 
-def _decode(value: Any, name: str) -> str:
-    if isinstance(value, str):
-        return value
+def _list(inputs: dict[str, np.ndarray], spec: TensorSpec) -> list:
+    values = _flat(inputs, spec.name)
+    limit = MAX_LIST_LENGTHS[spec.name]
+    if values.size > limit:
+        raise InvalidRequestError(spec.name, f"at most {limit} values, got {values.size}")
+    if spec.python_type is str:
+        return [_decode(value, spec.name, MAX_STRING_BYTES[spec.name]) for value in values]
+    return [int(value) for value in values]
+
+
+def _decode(value: Any, name: str, max_bytes: int) -> str:
+    if not isinstance(value, (bytes, np.bytes_)):
+        raise InvalidRequestError(name, f"must be a UTF-8 string, got {type(value).__name__}")
+    if len(value) > max_bytes:
+        raise InvalidRequestError(name, f"longer than {max_bytes} bytes ({len(value)})")
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -95,16 +124,18 @@ def _sampling_json(text: str) -> dict[str, Any]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError("sampling_parameters", f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
+        raise InvalidRequestError(JSON_INPUT.name, f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        raise InvalidRequestError(JSON_INPUT.name, "is nested too deeply") from None
     if not isinstance(values, dict):
-        raise InvalidRequestError("sampling_parameters", "must be a JSON object")
+        raise InvalidRequestError(JSON_INPUT.name, "must be a JSON object")
     # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): accept those too.
-    return {key: _from_string(key, value) if isinstance(value, str) and key in SCALAR_PARAMS else value
+    scalars = {spec.name: spec.python_type for spec in SAMPLING_INPUTS if not spec.is_list}
+    return {key: _from_string(key, scalars[key], value) if isinstance(value, str) and key in scalars else value
             for key, value in values.items()}
 
 
-def _from_string(name: str, text: str) -> Any:
-    kind = SCALAR_PARAMS[name]
+def _from_string(name: str, kind: type, text: str) -> Any:
     lowered = text.strip().lower()
     try:
         if kind is bool:

@@ -1,0 +1,53 @@
+"""The flover models' Triton inputs and outputs, declared once: parsing, the adapter and a config test read this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Which Python type each Triton data type arrives as, once taken out of its NumPy array.
+PYTHON_TYPES = {"TYPE_STRING": str, "TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of config.pbtxt: its name, Triton data type and shape."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+    @property
+    def is_list(self) -> bool:
+        """Whether it holds any number of values (dims [-1]) rather than exactly one."""
+        return self.dims == (-1,)
+
+    @property
+    def python_type(self) -> type:
+        """The type of each of its values in Python."""
+        return PYTHON_TYPES[self.data_type]
+
+
+# Every input is optional. The prompt is text_input or input_ids; the rest set SamplingParams fields of
+# the same name (SAMPLING_INPUTS) or say how to answer (stream, exclude_input_in_output).
+PROMPT_INPUTS = (TensorSpec("text_input", "TYPE_STRING", (1,)), TensorSpec("input_ids", "TYPE_INT32", (-1,)))
+SAMPLING_INPUTS = (
+    TensorSpec("max_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("temperature", "TYPE_FP32", (1,)),
+    TensorSpec("top_k", "TYPE_INT32", (1,)),
+    TensorSpec("top_p", "TYPE_FP32", (1,)),
+    TensorSpec("seed", "TYPE_INT64", (1,)),
+    TensorSpec("stop", "TYPE_STRING", (-1,)),
+    TensorSpec("stop_token_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("ignore_eos", "TYPE_BOOL", (1,)),
+)
+RESPONSE_INPUTS = (TensorSpec("stream", "TYPE_BOOL", (1,)), TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,)))
+JSON_INPUT = TensorSpec("sampling_parameters", "TYPE_STRING", (1,))  # any SamplingParams fields, as JSON
+INPUTS = (*PROMPT_INPUTS, *SAMPLING_INPUTS, *RESPONSE_INPUTS, JSON_INPUT)
+
+OUTPUTS = (
+    TensorSpec("text_output", "TYPE_STRING", (-1,)),
+    TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("finish_reason", "TYPE_STRING", (-1,)),  # on the final response only
+    TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
+)
