@@ -21,7 +21,7 @@ lint: setup
 	$(PY) -m ruff check flover_backend clients tests model_repository benchmarks
 
 serve: setup
-	$(PY) -m flover_backend serve --host $(HOST) --models flover
+	$(PY) -m flover_backend serve --host $(HOST) --models flover --openai-port 8003
 
 generate: setup
 	$(PY) -m flover_backend generate --model builtin:small --prompt "Once upon a time" --max-tokens 48

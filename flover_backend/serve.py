@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flover_backend.openai_front.launcher import OpenAIFrontError, openai_front
 from flover_backend.repository import derive_repository
 from flover_backend.triton_env import (
     ADMIN_KEY_HEADER,
@@ -218,6 +219,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible API (/v1/...) on this "
+                                                        "port of --host (default: off)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
     parser.add_argument("--models", nargs="+", help="serve only these models of the repository (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -244,12 +247,14 @@ def run_serve(args: argparse.Namespace) -> int:
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key)
     try:
-        with server:
+        with server, openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key) as front:
             print(f"tritonserver ready (log: {server.log_path})\n"
                   f"  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n  metrics: {server.metrics_url}\n"
                   f"  models:  {', '.join(server.model_names()) or '(none)'}\n"
                   f"  admin:   {'key from --admin-key' if args.admin_key else 'closed (no --admin-key given)'}\n"
                   "Ctrl-C to stop.", flush=True)
+            if front:
+                print(f"  openai:  {front.url}/v1 (log: {front.log_path})", flush=True)
             code = supervise(server, args.watchdog_interval, args.stall_timeout, _stop_on_signals())
             if code is None:
                 print("stopped.", file=sys.stderr)
@@ -259,7 +264,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # while starting
         print("stopped.", file=sys.stderr)
         return 0
-    except (TritonServerError, WatchdogGaveUp) as error:
+    except (TritonServerError, WatchdogGaveUp, OpenAIFrontError) as error:
         print(error, file=sys.stderr)
         return 1
 

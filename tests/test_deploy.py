@@ -24,9 +24,9 @@ from flover_backend.serve import run_serve
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
-LAUNCHER = ["python3", "-m", "flover_backend", "serve", "--host", "0.0.0.0"]
+LAUNCHER = ["python3", "-m", "flover_backend", "serve", "--host", "0.0.0.0", "--openai-port", "8003"]
 NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"  # the NGC image's own wrapper; it ends in `exec "$@"`
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 8003}
 
 
 def instructions(name: str) -> list[tuple[str, str]]:
@@ -79,7 +79,7 @@ def check_serve_args(argv: list[str]):
     """Parse `argv` as the launcher would and check what it serves; return the namespace."""
     args = build_parser().parse_args(argv)
     assert args.run is run_serve
-    assert (args.http_port, args.grpc_port, args.metrics_port) == tuple(PORTS.values())
+    assert (args.http_port, args.grpc_port, args.metrics_port, args.openai_port) == tuple(PORTS.values())
     for model in args.models or []:
         assert (ROOT / "model_repository" / model / "config.pbtxt").is_file(), model
     settings = dict(item.split("=", 1) for item in args.set)
@@ -158,7 +158,10 @@ def test_ports_healthcheck_and_flover_home(name):
 def test_gpu_image_installs_every_runtime_dependency():
     """The GPU image installs the package with --no-deps, so its explicit list must keep up with pyproject."""
     project = pyproject()["project"]
-    wanted = {requirement_name(spec) for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]}
+    extras = project["optional-dependencies"]
+    # `serve` less the wheel that carries a tritonserver: the image has its own (the front needs the rest).
+    serve = [spec for spec in extras["serve"] if requirement_name(spec) != "nvidia-pytriton"]
+    wanted = {requirement_name(spec) for spec in project["dependencies"] + extras["gpu"] + serve}
     runs = " ".join(rest for key, rest in instructions("Dockerfile") if key == "RUN")
     installed = {requirement_name(word) for word in shlex.split(runs) if re.match(r"[A-Za-z]", word)}
     torch_arg = [rest for key, rest in instructions("Dockerfile") if key == "ARG" and rest.startswith("TORCH_SPEC=")]

@@ -18,12 +18,17 @@ from flover_backend.models.llama import Llama, LlamaConfig
 
 BUILTIN_PREFIX = "builtin:"
 # Bump whenever the weights or tokenizer recipe changes: caches written by another version are rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4  # 4: tokenizer_config.json has a chat template
 MARKER_FILE = "flover_builtin.json"
 SEED = 20240607
 VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
+# ChatML, after <s> as every encoded text starts: what /v1/chat/completions renders messages with. The markers
+# are plain text to this tokenizer (not special tokens), so the ids, weights and vocabulary stay as they were.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 _SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -118,6 +123,7 @@ def export_builtin(name: str, dest: str | Path) -> Path:
         **specials,
         "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,  # HF's cleanup would rewrite " ." and break round trips
+        "chat_template": CHAT_TEMPLATE,
     })
     # Last: its presence marks the directory complete.
     _write_json(dest / MARKER_FILE, {"name": name, "recipe_version": RECIPE_VERSION})

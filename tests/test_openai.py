@@ -1,0 +1,336 @@
+"""The OpenAI-compatible front through a real tritonserver, with the official `openai` client."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from starlette.testclient import TestClient
+from transformers import AutoTokenizer
+
+from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.openai_front.app import FrontSettings, create_app
+from flover_backend.openai_front.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
+from flover_backend.openai_front.launcher import OpenAIFront
+from flover_backend.repository import derive_repository
+from flover_backend.serve import TritonServer, find_free_port
+from flover_backend.triton_env import PROJECT_ROOT
+
+pytestmark = pytest.mark.triton
+# max_model_len 1024 (the tiny model's whole context): a request of ~1000 tokens runs ~1000 iterations, far
+# longer than a cancellation takes to reach the engine, so the cancel tests see it stop early.
+SETTINGS = {"model": "builtin:tiny", "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1}
+PROMPT = "Temporal fusion on Triton"
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPT}]
+LONG = 1000  # max_tokens of the requests the cancel tests cut short
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint without a chat template in its tokenizer_config.json."""
+    dest = tmp_path_factory.mktemp("plain") / "tiny"
+    shutil.copytree(tiny_checkpoint, dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, builtin_home, plain_checkpoint):
+    repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", ["flover"], settings=SETTINGS,
+                             variants={"flover_plain": ("flover", {"model": str(plain_checkpoint)})})
+    ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+    with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def front(server, tmp_path_factory):
+    log = tmp_path_factory.mktemp("front") / "front.log"
+    with OpenAIFront(server.grpc_url, port=find_free_port(), log_path=log, admin_key=server.admin_key) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(front):
+    return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(EngineConfig(**SETTINGS)) as running:
+        yield running
+
+
+def greedy(engine, prompt=None, prompt_token_ids=None, max_tokens=24):
+    """The in-process engine's greedy text and token counts: what the front must answer."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    outputs = list(engine.generate(prompt, params, prompt_token_ids=prompt_token_ids))
+    return "".join(o.new_text for o in outputs), outputs[-1].num_prompt_tokens, outputs[-1].num_output_tokens
+
+
+@pytest.fixture(scope="module")
+def chat_ids(tiny_checkpoint):
+    """The chat prompt's ids as transformers renders and tokenizes the checkpoint's template."""
+    ids = AutoTokenizer.from_pretrained(tiny_checkpoint).apply_chat_template(MESSAGES, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def metric(server, name: str, model: str = "flover") -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE))
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_models_lists_the_served_models(client):
+    assert sorted(model.id for model in client.models.list()) == ["flover", "flover_plain"]
+    assert client.models.retrieve("flover").id == "flover"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_equals_in_process_engine(client, engine, stream):
+    text, num_prompt, num_output = greedy(engine, PROMPT)
+    args = {"model": "flover", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    if stream:
+        chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert chunks[-2].choices[0].finish_reason == "length" and not chunks[-1].choices
+        usage = chunks[-1].usage
+    else:
+        completion = client.completions.create(**args)
+        assert completion.object == "text_completion" and completion.choices[0].text == text
+        assert completion.choices[0].finish_reason == "length"
+        usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        num_prompt, num_output, num_prompt + num_output) == (num_prompt, 24, num_prompt + 24)
+
+
+def test_token_id_prompt_and_echo(client, engine):
+    ids = engine.tokenizer.encode(PROMPT).ids
+    text, _, _ = greedy(engine, prompt_token_ids=ids, max_tokens=8)
+    completion = client.completions.create(model="flover", prompt=ids, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert completion.choices[0].text == text and len(completion.choices[0].model_extra["token_ids"]) == 8
+    echoed = client.completions.create(model="flover", prompt=PROMPT, max_tokens=8, temperature=0, echo=True,
+                                       extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPT + greedy(engine, PROMPT, max_tokens=8)[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_renders_the_template_as_transformers_and_equals_engine(client, engine, chat_ids, stream):
+    text, num_prompt, num_output = greedy(engine, prompt_token_ids=chat_ids)
+    args = {"model": "flover", "messages": MESSAGES, "max_tokens": 24, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}
+    if stream:
+        chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[-2].choices[0].finish_reason == "length"
+        usage = chunks[-1].usage
+    else:
+        completion = client.chat.completions.create(**args)
+        assert completion.object == "chat.completion"
+        assert completion.choices[0].message.role == "assistant" and completion.choices[0].message.content == text
+        usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (num_prompt, num_output) == (len(chat_ids), 24)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_answer_before_it(client, engine, stream):
+    text, _, _ = greedy(engine, PROMPT, max_tokens=24)
+    at = next(i for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stop = text[at:at + 2]
+    args = {"model": "flover", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop],
+            "extra_body": {"ignore_eos": True}}
+    if stream:
+        chunks = list(client.completions.create(**args, stream=True))
+        answer, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.completions.create(**args).choices[0]
+        answer, reason = choice.text, choice.finish_reason
+    assert (answer, reason) == (text[:at], "stop")
+
+
+def test_seeded_sampling_repeats(client):
+    args = {"model": "flover", "prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 7,
+            "extra_body": {"ignore_eos": True, "top_k": 50}}
+    first, second = (client.completions.create(**args).choices[0].text for _ in range(2))
+    assert first == second
+
+
+def post(front, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{front.url}{path}", content=content, headers={"Content-Type": "application/json"},
+                      timeout=60, **kwargs)
+
+
+COMPLETION = {"model": "flover", "prompt": "x", "max_tokens": 4}
+CHAT = {"model": "flover", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("path, body, status, param, words", [
+    ("/v1/completions", COMPLETION | {"temperature": 5}, 400, "temperature", "less than or equal to 2"),
+    ("/v1/completions", COMPLETION | {"top_p": "0.5"}, 400, "top_p", "valid number"),
+    ("/v1/completions", COMPLETION | {"model": "nope"}, 404, "model", "does not exist"),
+    ("/v1/chat/completions", CHAT | {"model": "nope"}, 404, "model", "does not exist"),
+    ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "only n=1"),
+    ("/v1/chat/completions", CHAT | {"n": 2}, 400, "n", "only n=1"),
+    ("/v1/completions", COMPLETION | {"logprobs": 1}, 400, "logprobs", "not supported yet"),
+    ("/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 2}, 400, "logprobs", "not supported yet"),
+    ("/v1/completions", COMPLETION | {"frobnicate": 1}, 400, "frobnicate", "unrecognized"),
+    ("/v1/completions", COMPLETION | {"prompt": "word " * 1200}, 400, "prompt", "max_model_len"),
+    ("/v1/completions", COMPLETION | {"max_tokens": 5000}, 400, "max_tokens", "max_model_len"),
+    ("/v1/completions", COMPLETION | {"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "hi"}] * 300}, 400, "messages",
+     "at most 256"),
+    ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content.0.type", "'text'"),
+    ("/v1/chat/completions", CHAT | {"model": "flover_plain"}, 400, "model", "no chat template"),
+    ("/v1/chat/completions", CHAT | {"stream": True, "max_tokens": 2000}, 400, "max_tokens", "max_model_len"),
+    ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/completions", b'"x' + b"a" * (2 << 20) + b'"', 413, None, "over the limit of 1048576 bytes"),
+])
+def test_errors_have_openai_shape_status_and_param(front, path, body, status, param, words):
+    reply = post(front, path, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and words in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_null_means_the_default(front):
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "logprobs", "presence_penalty",
+                           "stream_options", "top_k", "ignore_eos", "echo"])
+    reply = post(front, "/v1/completions", COMPLETION | nulls)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 4
+    chat_nulls = {key: value for key, value in nulls.items() if key != "echo"} | {"max_completion_tokens": None}
+    reply = post(front, "/v1/chat/completions", CHAT | chat_nulls | {"messages": [{"role": "user", "content": None}]})
+    assert reply.status_code == 200, reply.text
+
+
+def test_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="flover", prompt="x", temperature=5)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.APIStatusError) as too_large:
+        client.completions.create(model="flover", prompt="x" * (2 << 20))
+    assert too_large.value.status_code == 413
+
+
+def test_closed_stream_cancels_its_request_and_frees_its_row(server, client):
+    before = metric(server, "flover_generated_tokens_total")
+    stream = client.completions.create(model="flover", prompt="cancel me", max_tokens=LONG, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # generation is under way
+    stream.close()
+    assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
+    assert metric(server, "flover_generated_tokens_total") - before < LONG  # stopped early: aborted
+    answers = []  # every row serves again: a full batch of requests completes through the front
+    threads = [threading.Thread(target=lambda i=i: answers.append(client.completions.create(
+        model="flover", prompt=f"after {i}", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})))
+        for i in range(SETTINGS["max_num_seqs"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [a.usage.completion_tokens for a in answers] == [4] * SETTINGS["max_num_seqs"]
+
+
+def test_dropped_connection_cancels_a_non_streaming_request(server, front):
+    before = metric(server, "flover_generated_tokens_total")
+    body = json.dumps({"model": "flover", "prompt": "drop me", "max_tokens": LONG, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", front.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: metric(server, "flover_requests_running") == 1)
+    assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
+    assert metric(server, "flover_generated_tokens_total") - before < LONG
+
+
+def test_unreachable_triton_is_503():
+    settings = FrontSettings(triton_grpc_url=f"127.0.0.1:{find_free_port()}")
+    with TestClient(create_app(settings)) as local:
+        for reply in (local.get("/v1/models"), local.post("/v1/completions", json=COMPLETION),
+                      local.post("/v1/chat/completions", json=CHAT | {"stream": True})):
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["type"] == "service_unavailable"
+        assert local.get("/health").status_code == 503
+
+
+@pytest.mark.parametrize("template", [
+    ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] | trim }}\n{% endfor %}"
+     "{% if add_generation_prompt %}[ASSISTANT]{% endif %}"),
+    ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+     "{% set ns.n = ns.n + 1 %}{{ ns.n }}:{{ m | tojson }}{{ eos_token }}{% endfor %}"),
+])
+def test_templates_render_as_transformers_renders_them(tiny_checkpoint, tmp_path, template):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text()) | {"chat_template": template}
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = MESSAGES + [{"role": "assistant", "content": " héllo <b>"}, {"role": "user", "content": "again"}]
+    ours = ChatTemplate.from_checkpoint(tmp_path / "ckpt")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert ours.render(messages) == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_template_errors_are_clear(plain_checkpoint, tmp_path):
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
+        ChatTemplate.from_checkpoint(plain_checkpoint).render(MESSAGES)
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}",
+                          {}, None)
+    with pytest.raises(ChatTemplateError, match="user first"):
+        strict.render(MESSAGES)
+    escape = ChatTemplate("{{ messages.__class__.__mro__ }}", {}, None)  # the sandbox refuses
+    with pytest.raises(ChatTemplateError):
+        escape.render(MESSAGES)
+
+
+def test_flover_serve_openai_port_starts_and_stops_the_front(tmp_path):
+    """The launcher's hook: `flover serve --openai-port` runs the front beside tritonserver, and stops both."""
+    model = tmp_path / "repo" / "idle"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+                                        'input [ { name: "x" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+                                        'output [ { name: "y" data_type: TYPE_STRING dims: [ 1 ] } ]\n')
+    (model / "1" / "model.py").write_text("class TritonPythonModel:\n    def execute(self, requests):\n"
+                                          "        return []\n")
+    ports = {name: find_free_port() for name in ("http-port", "grpc-port", "metrics-port", "openai-port")}
+    env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
+    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={tmp_path / 'repo'}",
+                            *[f"--{name}={port}" for name, port in ports.items()]],
+                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = next(line for line in cli.stdout if "openai:" in line or not line)
+        assert f"http://127.0.0.1:{ports['openai-port']}/v1" in banner
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai-port']}/v1/models", timeout=10) as reply:
+            assert [model["id"] for model in json.load(reply)["data"]] == ["idle"]
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0, cli.stderr.read()
+    with pytest.raises(OSError):  # the front is gone with it
+        socket.create_connection(("127.0.0.1", ports["openai-port"]), timeout=5).close()
