@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 HOST ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf clean
+.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf soak clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.experiments
+
+# 10 minutes of Poisson arrivals through both protocols, a quarter cancelled: lost/wrong counts and RSS growth.
+soak: setup
+	$(PY) -m benchmarks.soak --duration 600
 
 bench-quick: setup
 	$(PY) -m benchmarks.experiments --quick --out benchmarks/results/quick
