@@ -4,45 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from flover_backend.repository import derive_repository
+from flover_backend.server_process import ServerProcess, ServerProcessError
 from flover_backend.triton_env import PROJECT_ROOT, server_command, server_env, work_dir
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(ServerProcessError):
     """tritonserver exited, or never became ready; the message carries the end of its log."""
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (tests; another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class TritonServer:
+class TritonServer(ServerProcess):
     """tritonserver as a child process: `with TritonServer(repo) as server:` starts it and waits until ready."""
+
+    name = "tritonserver"
+    error = TritonServerError
+    error_line = re.compile(r"E\d{4} |error:")
 
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
                  log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
                  stop_timeout_s: float = 40.0):
+        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s)
         self.model_repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.log_path = Path(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log")
         self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
-        self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
-        self.process: subprocess.Popen | None = None
+        # On SIGINT tritonserver drains in-flight requests for up to its --exit-timeout-secs (30 s), so the
+        # default stop_timeout_s (40 s) lets that finish before escalating.
+        self.stop_signals = ((signal.SIGINT, stop_timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
         # Clients cannot connect to a wildcard address; they reach a server bound to one over loopback.
         self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -61,73 +55,18 @@ class TritonServer:
         """URL of the Prometheus metrics page."""
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
-    def __enter__(self):  # unannotated: `-> TritonServer` is wrong for subclasses and Self needs 3.11
-        """Start the server and wait until it is ready."""
-        return self.start()
+    def command(self) -> list[str]:
+        """tritonserver's command line."""
+        return server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
+                              self.host, extra_args=self.extra_args)
 
-    def __exit__(self, *exc_info) -> None:
-        """Stop the server, whatever ended the block."""
-        self.stop()
+    def environment(self) -> dict[str, str]:
+        """tritonserver's libraries, and the Python its backend stub embeds (prepared here)."""
+        return server_env()
 
-    def start(self) -> TritonServer:
-        """Start tritonserver and block until /v2/health/ready answers 200; raise TritonServerError if not."""
-        command = server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
-                                 self.host, extra_args=self.extra_args)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            # Own session: a terminal's Ctrl-C reaches only us, and stop() can signal the stubs too.
-            self.process = subprocess.Popen(command, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        """Poll the readiness endpoint until it says yes, the process exits, or the timeout passes."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise TritonServerError(f"tritonserver exited with code {code} before it was ready\n"
-                                        f"{self.log_excerpt()}")
-            # The metrics service starts listening after HTTP says ready: wait for both.
-            if _answers(f"{self.http_url}/v2/health/ready") and _answers(self.metrics_url):
-                return
-            time.sleep(0.2)
-        raise TritonServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f} s\n{self.log_excerpt()}")
-
-    def poll(self) -> int | None:
-        """The exit code if tritonserver has exited, else None."""
-        return None if self.process is None else self.process.poll()
-
-    def wait(self) -> int:
-        """Block until tritonserver exits; return its exit code."""
-        return self.process.wait()
-
-    def stop(self) -> int | None:
-        """Stop tritonserver: SIGINT, then SIGTERM, then SIGKILL; return its exit code.
-
-        On SIGINT tritonserver drains in-flight requests for up to its --exit-timeout-secs (30 s), so the
-        default stop_timeout_s (40 s) lets that finish before escalating.
-        """
-        if self.process is None:
-            return None
-        for sig, timeout_s in ((signal.SIGINT, self.stop_timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.process.poll() is not None:
-                break
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # a stub that outlived a killed server would hold its shared memory and the model's device
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.process.wait()
+    def ready_urls(self) -> list[str]:
+        """Readiness, and the metrics page: the metrics service starts listening after HTTP says ready."""
+        return [f"{self.http_url}/v2/health/ready", self.metrics_url]
 
     def model_names(self) -> list[str]:
         """Names of the models the server has loaded and marked READY, from the repository index."""
@@ -135,25 +74,6 @@ class TritonServer:
         with urllib.request.urlopen(request, timeout=5.0) as reply:
             index = json.load(reply)
         return sorted({entry["name"] for entry in index if entry.get("state") == "READY"})
-
-    def log_excerpt(self, num_lines: int = 20) -> str:
-        """The log's error lines and its last `num_lines` lines, for error messages."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return f"(no log at {self.log_path})"
-        errors = [line for line in lines if re.match(r"E\d{4} |error:", line)]
-        return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
-                          f"--- last {num_lines} lines ---", *lines[-num_lines:]])
-
-
-def _answers(url: str) -> bool:
-    """Whether `url` answers 200 now."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False  # not listening yet, or listening but models still loading (400)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from flover_backend import perf
-from flover_backend.serve import TritonServer, TritonServerError, find_free_port
+from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
+from flover_backend.ports import find_free_port
+from flover_backend.serve import TritonServer, TritonServerError
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 
 pytestmark = pytest.mark.triton
@@ -148,13 +149,13 @@ def test_grpc_stream(server):
 
 
 def test_perf_analyzer_runs(server, tmp_path):
-    input_data = perf.write_input_data(tmp_path / "input.json", [{"text_input": ["hello"]}])
-    command = perf.perf_analyzer_command("echo", server.grpc_url, 2, input_data, 1000, request_count=100)
-    done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, timeout=60,
+    input_data = write_input_data(tmp_path / "input.json", [{"text_input": ["hello"]}])
+    command = perf_analyzer_command("echo", server.grpc_url, 2, input_data, 1000, request_count=100)
+    done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Detected decoupled model" in done.stdout
-    (throughput,) = perf.parse_throughput(done.stdout)
+    (throughput,) = parse_throughput(done.stdout)
     assert throughput > 0
 
 
