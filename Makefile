@@ -27,7 +27,7 @@ generate: setup
 	$(PY) -m flover_backend generate --model builtin:small --prompt "Once upon a time" --max-tokens 48
 
 bench-inprocess: setup
-	$(PY) -m flover_backend bench --model builtin:small --out benchmarks/results
+	$(PY) -m benchmarks.inprocess --model builtin:small --out benchmarks/results
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis .ruff_cache

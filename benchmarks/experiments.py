@@ -17,14 +17,15 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.inprocess import decode_sweep, measure
 from benchmarks.peers import against_vllm, perf_reports
 from benchmarks.report import write_report
 from clients.loadgen import replay, triton_sender
+from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
-from flover_backend.inprocess_bench import decode_sweep, measure
+from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer, find_free_port
-from flover_backend.workload import RequestTiming, make_trace, summarize
+from flover_backend.serve import TritonServer
 
 POLICY_MODELS = {"fused": "flover", "window": "flover_window", "instances": "flover_instances"}
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.inprocess import decode_sweep, measure
+from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig
-from flover_backend.inprocess_bench import decode_sweep, measure
 from flover_backend.models.loader import resolve_model_path
-from flover_backend.workload import make_trace
 
 POLICIES = ("fused", "window", "solo")
 

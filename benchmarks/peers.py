@@ -9,9 +9,9 @@ from pathlib import Path
 
 from benchmarks.vllm_peer import CACHE_DIR, VllmServer
 from clients.loadgen import openai_sender, replay
-from flover_backend import perf
+from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
+from clients.workload import make_trace, summarize
 from flover_backend.models.builtin import export_builtin
-from flover_backend.workload import make_trace, summarize
 
 PEER_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "total_s")
 
@@ -42,18 +42,17 @@ def _pick(summary: dict) -> dict:
 def perf_reports(grpc_url: str, models: list[str], out_dir: Path, max_tokens: int, concurrency: int,
                  request_count: int) -> dict:
     """Run perf_analyzer (streaming, gRPC) against each model; save each report; return requests/s."""
-    input_data = perf.write_input_data(out_dir / "perf_input.json", [
+    input_data = write_input_data(out_dir / "perf_input.json", [
         {"text_input": ["The quick brown fox"], "max_tokens": [max_tokens], "ignore_eos": [True]}])
     throughput = {}
     for model in models:
-        command = perf.perf_analyzer_command(model, grpc_url, concurrency, input_data, 5000,
-                                             request_count=request_count)
-        done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, check=False,
+        command = perf_analyzer_command(model, grpc_url, concurrency, input_data, 5000, request_count=request_count)
+        done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, check=False,
                               timeout=600)
         (out_dir / f"perf_{model}.txt").write_text(f"$ {' '.join(command)}\n\n{done.stdout}{done.stderr}")
         if done.returncode != 0:
             raise RuntimeError(f"perf_analyzer failed on {model} ({done.returncode}):\n{done.stdout[-2000:]}")
-        throughput[model] = perf.parse_throughput(done.stdout)[0]
+        throughput[model] = parse_throughput(done.stdout)[0]
         print(f"  perf_analyzer {model:<14} {throughput[model]:.2f} requests/s at concurrency {concurrency}",
               flush=True)
     return throughput

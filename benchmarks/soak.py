@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.triton_stream import GrpcStream, stream_http
+from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer, find_free_port
+from flover_backend.serve import TritonServer
 from flover_backend.watchdog import find_stubs
 
 RESULTS = Path(__file__).resolve().parent / "results"

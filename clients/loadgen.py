@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clients.triton_stream import stream_grpc
-from flover_backend.workload import RequestTiming, TraceRequest, make_trace, summarize
+from clients.workload import RequestTiming, TraceRequest, make_trace, summarize
 
 Sender = Callable[[TraceRequest, RequestTiming], None]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flover_backend import inprocess_bench, offline, serve
+from flover_backend import offline, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +16,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate = subparsers.add_parser("generate", help="stream one completion from an in-process engine")
     offline.add_arguments(generate)
     generate.set_defaults(run=offline.run)
-    bench = subparsers.add_parser("bench", help="compare the policies in-process on one trace")
-    inprocess_bench.add_arguments(bench)
-    bench.set_defaults(run=inprocess_bench.main)
     return parser
 
 

@@ -16,7 +16,7 @@ from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
-from flover_backend.tensor_parallel import WorkerGroup, check_gpus, rank_device
+from flover_backend.workers import WorkerGroup, check_gpus, rank_device
 
 
 @dataclass
@@ -70,8 +70,7 @@ class ModelRunner:
         # Before any worker starts, so a shape that cannot be split fails first.
         self.model = load_model(model_path, self.dtype, self.device, rank, world)
         self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
-        if hasattr(self.model, "prepack"):
-            self.model.prepack(config.max_num_seqs)
+        self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
         self.arena = KVArena(
             num_layers=model_config.num_layers,

@@ -6,7 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from flover_backend.triton_env import PROJECT_ROOT
+
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 _PARAMETER = 'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from flover_backend.openai_front.launcher import OpenAIFrontError, openai_front
 from flover_backend.repository import derive_repository
+from flover_backend.server_process import ServerProcess, ServerProcessError
 from flover_backend.triton_env import (
     ADMIN_KEY_HEADER,
     GRPC_ADMIN_KEY_HEADER,
@@ -32,34 +29,32 @@ from flover_backend.triton_env import (
 from flover_backend.watchdog import Watchdog, WatchdogGaveUp
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(ServerProcessError):
     """tritonserver exited, or never became ready; the message carries the end of its log."""
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (tests; another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class TritonServer:
+class TritonServer(ServerProcess):
     """tritonserver as a child process: `with TritonServer(repo) as server:` starts it and waits until ready."""
+
+    name = "tritonserver"
+    error = TritonServerError
+    error_line = re.compile(r"E\d{4} |error:")
 
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
                  log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
                  stop_timeout_s: float = 40.0, admin_key: str | None = None):
+        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s)
         self.model_repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.log_path = Path(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log")
         self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
-        self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
+        # On SIGINT tritonserver drains in-flight requests for up to its --exit-timeout-secs (30 s), so the
+        # default stop_timeout_s (40 s) lets that finish before escalating.
+        self.stop_signals = ((signal.SIGINT, stop_timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
         # Random per launch when the operator gives none: then only this process can use the admin APIs.
         self.admin_key = admin_key or secrets.token_urlsafe(24)
         # Names this server's shared memory, so stop() (or, if this process is killed, the next launch) removes it.
         self.shm_prefix = f"flover-{os.getpid()}-{secrets.token_hex(4)}-"
-        self.process: subprocess.Popen | None = None
         # Clients cannot connect to a wildcard address; they reach a server bound to one over loopback.
         self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -74,6 +69,11 @@ class TritonServer:
         return f"{self._client_host}:{self.grpc_port}"
 
     @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics page."""
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
     def admin_headers(self) -> dict[str, str]:
         """The HTTP header that opens the admin APIs (model load/unload) of this server."""
         return {ADMIN_KEY_HEADER: self.admin_key}
@@ -83,82 +83,29 @@ class TritonServer:
         """The gRPC metadata that opens the same APIs over gRPC."""
         return {GRPC_ADMIN_KEY_HEADER: self.admin_key}
 
-    @property
-    def metrics_url(self) -> str:
-        """URL of the Prometheus metrics page."""
-        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+    def command(self) -> list[str]:
+        """tritonserver's command line."""
+        return server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
+                              self.host, extra_args=self.extra_args, admin_key=self.admin_key,
+                              shm_prefix=self.shm_prefix)
 
-    def __enter__(self):  # unannotated: `-> TritonServer` is wrong for subclasses and Self needs 3.11
-        """Start the server and wait until it is ready."""
-        return self.start()
+    def environment(self) -> dict[str, str]:
+        """tritonserver's libraries, and the Python its backend stub embeds (prepared here)."""
+        return server_env()
 
-    def __exit__(self, *exc_info) -> None:
-        """Stop the server, whatever ended the block."""
-        self.stop()
+    def ready_urls(self) -> list[str]:
+        """Readiness, and the metrics page: the metrics service starts listening after HTTP says ready."""
+        return [f"{self.http_url}/v2/health/ready", self.metrics_url]
 
     def start(self) -> TritonServer:
-        """Start tritonserver and block until /v2/health/ready answers 200; raise TritonServerError if not."""
+        """Clear what servers killed earlier left behind, then start and wait as every server process does."""
         remove_orphaned_shm()
-        command = server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
-                                 self.host, extra_args=self.extra_args, admin_key=self.admin_key,
-                                 shm_prefix=self.shm_prefix)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            # Own session: a terminal's Ctrl-C reaches only us, and stop() can signal the stubs too.
-            self.process = subprocess.Popen(command, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _die_with_parent
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        """Poll the readiness endpoint until it says yes, the process exits, or the timeout passes."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise TritonServerError(f"tritonserver exited with code {code} before it was ready\n"
-                                        f"{self.log_excerpt()}")
-            # The metrics service starts listening after HTTP says ready: wait for both.
-            if _answers(f"{self.http_url}/v2/health/ready") and _answers(self.metrics_url):
-                return
-            time.sleep(0.2)
-        raise TritonServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f} s\n{self.log_excerpt()}")
-
-    def poll(self) -> int | None:
-        """The exit code if tritonserver has exited, else None."""
-        return None if self.process is None else self.process.poll()
-
-    def wait(self) -> int:
-        """Block until tritonserver exits; return its exit code."""
-        return self.process.wait()
+        return super().start()
 
     def stop(self) -> int | None:
-        """Stop tritonserver: SIGINT, then SIGTERM, then SIGKILL; return its exit code.
-
-        On SIGINT tritonserver drains in-flight requests for up to its --exit-timeout-secs (30 s), so the
-        default stop_timeout_s (40 s) lets that finish before escalating.
-        """
-        if self.process is None:
-            return None
-        for sig, timeout_s in ((signal.SIGINT, self.stop_timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.process.poll() is not None:
-                break
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # a stub that outlived a killed server would hold its shared memory and the model's device
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        code = self.process.wait()
-        for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left behind by a stub that was killed
+        """Stop tritonserver and its stubs, then remove the shared memory a killed stub left behind."""
+        code = super().stop()
+        for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):
             segment.unlink(missing_ok=True)
         return code
 
@@ -170,20 +117,6 @@ class TritonServer:
             index = json.load(reply)
         return sorted({entry["name"] for entry in index if entry.get("state") == "READY"})
 
-    def log_excerpt(self, num_lines: int = 20) -> str:
-        """The log's error lines and its last `num_lines` lines, for error messages."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return f"(no log at {self.log_path})"
-        errors = [line for line in lines if re.match(r"E\d{4} |error:", line)]
-        return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
-                          f"--- last {num_lines} lines ---", *lines[-num_lines:]])
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it (no locks taken)
-
 
 def remove_orphaned_shm() -> None:
     """Remove the shared memory of servers whose launcher has died (its pid is in each region's name)."""
@@ -191,24 +124,6 @@ def remove_orphaned_shm() -> None:
         pid = segment.name.split("-")[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             segment.unlink(missing_ok=True)
-
-
-def _die_with_parent() -> None:
-    """In the forked child: have the kernel SIGKILL tritonserver if the launcher dies, however it dies.
-
-    The kernel sends it when the thread that started the server exits: start servers from a thread that
-    lives as long as they should (the main thread, in the launcher and the tests).
-    """
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _answers(url: str) -> bool:
-    """Whether `url` answers 200 now."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False  # not listening yet, or listening but models still loading (400)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:

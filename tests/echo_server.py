@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flover_backend.serve import find_free_port
+from flover_backend.ports import find_free_port
 
 CONFIG = """
 backend: "python"

@@ -1,9 +1,11 @@
 """Our Llama and GPT-2 give transformers' logits on the same weights, loaded through our loader."""
 
+import contextlib
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import GPT2Config as HFGPT2Config
@@ -11,7 +13,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
 
 from flover_backend.layers.attention import ForwardBatch
-from flover_backend.models import MODEL_REGISTRY
+from flover_backend.models import MODEL_REGISTRY, loader
 from flover_backend.models.gpt2 import GPT2Config
 from flover_backend.models.llama import LlamaConfig
 from flover_backend.models.loader import load_model, resolve_model_path
@@ -87,6 +89,89 @@ def test_logits_match_transformers(name, sharded, tmp_path):
     check_against_hf(ours, hf)
 
 
+def expected_share(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s parameters for a Llama checkpoint `state`, written out by hand from the HF tensors."""
+    def block(key: str, dim: int) -> torch.Tensor:
+        return state[key].chunk(world, dim)[rank]  # heads and MLP columns are contiguous
+
+    share = {}
+    for key, tensor in state.items():
+        *path, module, leaf = key.split(".")
+        prefix = ".".join(path)
+        if module == "q_proj":
+            share[f"{prefix}.qkv_proj.{leaf}"] = torch.cat([block(f"{prefix}.{p}_proj.{leaf}", 0) for p in "qkv"])
+        elif module == "gate_proj":
+            share[f"{prefix}.gate_up_proj.{leaf}"] = torch.cat(
+                [block(f"{prefix}.{p}_proj.{leaf}", 0) for p in ("gate", "up")])
+        elif module in ("o_proj", "down_proj"):
+            share[key] = block(key, 1) if leaf == "weight" else tensor  # a bias is whole, added by rank 0 only
+        elif not module.endswith("_proj"):
+            share[key] = tensor  # embeddings, norms and the LM head: whole on every rank
+    return share
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-bias-headdim"])
+def test_each_rank_stacks_its_blocks_of_the_separate_projections(name, world, tmp_path):
+    """q/k/v and gate/up, separate in the checkpoint, fill each rank's stacked projections with its blocks."""
+    hf_model(name).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for rank in range(world):
+        params = dict(load_model(tmp_path, torch.float32, "cpu", rank, world).named_parameters())
+        expected = expected_share(state, rank, world)
+        assert params.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(params[key], tensor), (rank, key)
+
+
+class CountingCheckpoint:
+    """A safetensors checkpoint that adds up the elements read through it."""
+
+    def __init__(self, checkpoint, num_read: list[int]):
+        self.checkpoint, self.num_read = checkpoint, num_read
+
+    def keys(self):
+        return self.checkpoint.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._counted(self.checkpoint.get_tensor(key))
+
+    def get_slice(self, key: str):
+        view, counted = self.checkpoint.get_slice(key), self._counted
+
+        class CountingSlice:
+            get_shape = view.get_shape
+
+            def __getitem__(self, index):
+                return counted(view[index])
+
+        return CountingSlice()
+
+    def _counted(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.num_read.append(tensor.numel())
+        return tensor
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_rank_reads_only_the_elements_it_holds(world, tmp_path, monkeypatch):
+    """No rank reads the whole model: what a rank reads from the checkpoint is exactly what it holds."""
+    hf_model("llama-gqa").save_pretrained(tmp_path)
+    num_read: list[int] = []
+
+    @contextlib.contextmanager
+    def counting_safe_open(*args, **kwargs):
+        with safe_open(*args, **kwargs) as checkpoint:
+            yield CountingCheckpoint(checkpoint, num_read)
+
+    monkeypatch.setattr(loader, "safe_open", counting_safe_open)
+    checkpoint_size = sum(t.numel() for t in load_file(tmp_path / "model.safetensors").values())
+    for rank in range(world):
+        num_read.clear()
+        model = load_model(tmp_path, torch.float32, "cpu", rank, world)
+        assert sum(num_read) == sum(p.numel() for p in model.parameters())
+        assert (sum(num_read) == checkpoint_size) == (world == 1)
+
+
 def test_gpt2_openai_key_layout(tmp_path):
     """OpenAI's gpt2 checkpoints drop the `transformer.` prefix and lm_head, and carry mask buffers."""
     hf = hf_model("gpt2")
@@ -134,6 +219,14 @@ def test_loader_rejects_missing_and_unexpected_keys(tmp_path):
     _rewrite_weights(tmp_path, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(96, 64),
                                                    "model.layers.0.extra.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected keys \['model.layers.0.extra.weight'\]"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+    def shrink_k_proj(state):
+        del state["model.layers.0.extra.weight"]
+        state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)  # one KV head of two
+
+    _rewrite_weights(tmp_path, shrink_k_proj)
+    with pytest.raises(ValueError, match=r"k_proj.weight: the checkpoint's shape \(16, 64\) is not the \(32, 64\)"):
         load_model(tmp_path, torch.float32, "cpu")
 
 

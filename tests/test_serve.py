@@ -16,77 +16,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from flover_backend import perf
-from flover_backend.serve import TritonServer, TritonServerError, find_free_port
+from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
+from flover_backend.serve import TritonServer, TritonServerError
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
+from tests.echo_server import free_ports, group_members, write_repository
 
 pytestmark = pytest.mark.triton
-
-CONFIG = """
-backend: "python"
-max_batch_size: 0
-model_transaction_policy { decoupled: true }
-input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
-output [
-  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },
-  { name: "module_path" data_type: TYPE_STRING dims: [ 1 ] }
-]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
-
-# Streams "<text> 0", "<text> 1", "<text> 2", then an empty final response. The imports prove the stub's
-# Python sees the project (flover_backend) and the environment's packages (torch).
-MODEL = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-{extra_import}
-import flover_backend
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()[0]
-            where = np.array([flover_backend.__file__.encode()], dtype=np.object_)
-            for i in range(3):
-                out = np.array([text + b" %d" % i], dtype=np.object_)
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("text_output", out), pb_utils.Tensor("module_path", where)]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-"""
-
-
-def write_repository(root: Path, name: str = "echo", extra_import: str = "", model_code: str = MODEL) -> Path:
-    """A model repository holding one decoupled python model; return the repository folder."""
-    version_dir = root / name / "1"
-    version_dir.mkdir(parents=True)
-    (root / name / "config.pbtxt").write_text(CONFIG)
-    (version_dir / "model.py").write_text(model_code.format(extra_import=extra_import))
-    return root
-
-
-def free_ports() -> dict[str, int]:
-    """Three distinct free ports for one server."""
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(find_free_port())
-    return dict(zip(("http_port", "grpc_port", "metrics_port"), sorted(ports)))
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes in process group `pgid`: tritonserver and its stubs."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -101,10 +36,15 @@ def test_server_command_names_ports_and_backends(tmp_path):
     backend_dir = prepare_backend_dir(tmp_path / "backends")
     assert prepare_backend_dir(tmp_path / "backends") == backend_dir  # second call reuses the first copy
     assert (backend_dir / "python" / "triton_python_backend_stub").exists()
-    command = server_command(tmp_path, 1, 2, 3, "0.0.0.0", backend_dir, ["--log-verbose=1"])
+    command = server_command(tmp_path, 1, 2, 3, "0.0.0.0", backend_dir, ["--log-verbose=1"], admin_key="k3y")
     assert f"--backend-directory={backend_dir}" in command
     assert {"--http-port=1", "--grpc-port=2", "--metrics-port=3", "--grpc-address=0.0.0.0"} <= set(command)
+    restricted = "model-repository,shared-memory,trace,logging:flover-admin-key=k3y"
+    assert {f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"} <= set(command)
     assert command[-1] == "--log-verbose=1"
+    for bad_key in ("", "a,b", "a:b", "a=b", "a b"):
+        with pytest.raises(ValueError, match="admin key"):
+            server_command(tmp_path, admin_key=bad_key)
 
 
 def test_ready_and_model_index(server):
@@ -148,13 +88,13 @@ def test_grpc_stream(server):
 
 
 def test_perf_analyzer_runs(server, tmp_path):
-    input_data = perf.write_input_data(tmp_path / "input.json", [{"text_input": ["hello"]}])
-    command = perf.perf_analyzer_command("echo", server.grpc_url, 2, input_data, 1000, request_count=100)
-    done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, timeout=60,
+    input_data = write_input_data(tmp_path / "input.json", [{"text_input": ["hello"]}])
+    command = perf_analyzer_command("echo", server.grpc_url, 2, input_data, 1000, request_count=100)
+    done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Detected decoupled model" in done.stdout
-    (throughput,) = perf.parse_throughput(done.stdout)
+    (throughput,) = parse_throughput(done.stdout)
     assert throughput > 0
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, EngineDeadError, SamplingParams
-from flover_backend.models.loader import load_model
-from flover_backend.tensor_parallel import rank_device
+from flover_backend.workers import rank_device
 
 JOBS = [(prompt, SamplingParams(max_tokens=5 + 4 * i, ignore_eos=True))
         for i, prompt in enumerate(["The quick brown fox", "Once upon a time", "a", "hello hello hello"])]
@@ -70,20 +69,3 @@ def test_ranks_take_consecutive_gpus():
 def test_missing_gpus_fail_before_loading_naming_the_settings():
     with pytest.raises(ValueError, match=r"device cuda:0 with tensor_parallel_size 2 needs GPUs 0\.\.1"):
         Engine(config(device="cuda", tensor_parallel_size=2))
-
-
-def test_each_rank_loads_only_its_share_of_the_split_weights(tiny_checkpoint):
-    def layer0(rank: int = 0, world: int = 1):
-        model = load_model(tiny_checkpoint, torch.float32, "cpu", rank, world)
-        attn = model.model.layers[0].self_attn
-        widths = [attn.num_heads * attn.head_dim] + [attn.num_kv_heads * attn.head_dim] * 2
-        q, k, v = attn.qkv_proj.weight.split(widths)
-        gate, up = model.model.layers[0].mlp.gate_up_proj.weight.chunk(2)
-        return {"q": q, "k": k, "v": v, "gate": gate, "up": up, "o": attn.o_proj.weight,
-                "down": model.model.layers[0].mlp.down_proj.weight, "norm": model.model.layers[0].input_layernorm.weight}
-
-    full, ranks = layer0(), [layer0(rank, 2) for rank in (0, 1)]
-    for name, dim in (("q", 0), ("k", 0), ("v", 0), ("gate", 0), ("up", 0), ("o", 1), ("down", 1)):
-        assert ranks[0][name].shape[dim] * 2 == full[name].shape[dim], name
-        torch.testing.assert_close(torch.cat([r[name] for r in ranks], dim=dim), full[name])
-    torch.testing.assert_close(ranks[1]["norm"], full["norm"])  # whole on every rank

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
 from clients.triton_stream import (
     GrpcStream,
     ServerError,
@@ -24,9 +25,10 @@ from clients.triton_stream import (
     stream_grpc,
     stream_http,
 )
-from flover_backend import Engine, EngineConfig, SamplingParams, perf
+from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer, find_free_port
+from flover_backend.serve import TritonServer
 
 pytestmark = pytest.mark.triton
 SETTINGS = {"model": "builtin:tiny", "max_num_seqs": 16, "max_model_len": 256, "num_threads": 1}
@@ -208,13 +210,13 @@ def test_metrics_count_iterations_tokens_and_ttft(server):
 
 
 def test_perf_analyzer_streams_against_flover(server, tmp_path):
-    data = perf.write_input_data(tmp_path / "input.json",
-                                 [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True]}])
-    command = perf.perf_analyzer_command("flover", server.grpc_url, 4, data, 5000, request_count=16)
-    done = subprocess.run(command, env=perf.perf_analyzer_env(), capture_output=True, text=True, timeout=120,
+    data = write_input_data(tmp_path / "input.json",
+                            [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True]}])
+    command = perf_analyzer_command("flover", server.grpc_url, 4, data, 5000, request_count=16)
+    done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    (throughput,) = perf.parse_throughput(done.stdout)
+    (throughput,) = parse_throughput(done.stdout)
     assert throughput > 0
 
 
@@ -242,7 +244,7 @@ def test_lost_tensor_parallel_worker_fails_requests_clearly_and_unloads_the_mode
     """Runs last: flover_tp2 is gone afterwards, and the server reports not ready."""
     stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 200, "ignore_eos": True}))
     next(stream)
-    found = subprocess.run(["pgrep", "-f", "flover_backend.tensor_parallel"], capture_output=True, text=True,
+    found = subprocess.run(["pgrep", "-f", "flover_backend.worker_main"], capture_output=True, text=True,
                            check=True)
     (worker,) = [pid for pid in map(int, found.stdout.split()) if parent(parent(pid)) == server.process.pid]
     os.kill(worker, signal.SIGKILL)

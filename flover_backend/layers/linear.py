@@ -1,14 +1,61 @@
-"""Linear layers with weights pre-packed by oneDNN for the small-batch matmuls of CPU decoding."""
+"""Linear layers: stacked and tensor-parallel projections, and oneDNN pre-packing for small-batch CPU matmuls.
+
+A tensor-parallel rank holds a block of each split weight. Each parallel layer says which rows of its
+parameters a checkpoint tensor fills and along which dimension the ranks split that tensor (`shard`); the
+loader reads only this rank's part of it.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 # Measured here (EPYC, 2 threads, fp32): oneDNN's packed weights run 1.3-2x faster than MKL's plain
 # sgemm from 8 rows up, but ~1.4x slower for a single row, so small batches keep the plain path.
 MIN_PACKED_ROWS = 4
+
+
+class MergedColumnParallelLinear(nn.Linear):
+    """Several projections of the same input stacked into one matmul (q/k/v, gate/up).
+
+    Part i is rows [sum(part_sizes[:i]), sum(part_sizes[:i + 1])) of the weight and bias; one part makes a
+    column-parallel layer. `part_sizes` are this rank's output features of each projection: its block of
+    whole heads (heads are contiguous) or MLP columns, so every rank stacks its own blocks.
+    """
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(part_sizes), bias=bias)
+        self.part_sizes = part_sizes
+
+    def shard(self, name: str, part: int) -> tuple[slice | None, int | None]:
+        """The rows of parameter `name` that checkpoint part `part` fills; ranks split that tensor by rows."""
+        start = sum(self.part_sizes[:part])
+        return slice(start, start + self.part_sizes[part]), 0
+
+
+class RowParallelLinear(nn.Linear):
+    """This rank's block of a projection's input features; across ranks the partial products are summed.
+
+    The bias is whole on every rank (so checkpoints load the same way everywhere) and added by rank 0 only.
+    With one rank it is a plain linear layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int = 0, world: int = 1):
+        super().__init__(in_features, out_features, bias=bias)  # `in_features`: this rank's block
+        self.rank, self.world = rank, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full projection, on every rank."""
+        y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+        if self.world > 1:
+            dist.all_reduce(y)
+        return y
+
+    def shard(self, name: str, part: int) -> tuple[slice | None, int | None]:
+        """All of parameter `name` (None); ranks split the checkpoint's weight by columns, its bias not."""
+        return None, 1 if name == "weight" else None
 
 
 class PackedLinear(nn.Module):
@@ -32,13 +79,19 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def _is_plain_matmul(layer: nn.Module) -> bool:
+    """Whether `layer` computes x W^T + b and nothing more, so a PackedLinear can stand in for it."""
+    if isinstance(layer, RowParallelLinear):
+        return layer.world == 1  # across ranks it also all-reduces
+    return isinstance(layer, nn.Linear)
+
+
 def pack_linears(module: nn.Module, batch_hint: int) -> int:
-    """Swap every nn.Linear under `module` for a PackedLinear, in place; returns how many were swapped."""
+    """Swap every plain linear layer under `module` for a PackedLinear, in place; returns how many were swapped."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            # Exactly nn.Linear: subclasses (tensor parallelism's row-parallel layer) do more than the matmul.
-            if type(child) is nn.Linear and can_pack(child.weight):
+            if _is_plain_matmul(child) and can_pack(child.weight):
                 setattr(parent, name, PackedLinear(child.weight, child.bias, batch_hint))
                 swapped += 1
     return swapped

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -24,12 +24,18 @@ class ModelConfig(Protocol):
 
 
 class CausalLM(Protocol):
-    """A decoder-only LM that keeps its keys and values in the arena `kv`.
+    """A decoder-only LM that keeps its keys and values in the arena `kv`, built in the layout it serves in.
 
+    `Model(config, rank, world)` builds tensor-parallel rank `rank`'s share of `world` (`config` as read by
+    `config_class.from_hf`; `self.config` is then this rank's share). Parameters keep the checkpoint's names,
+    except the projections it serves stacked (`stacked_modules`), which the loader fills part by part.
     `kv` is (num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim); layer i reads and
-    writes `kv[i, 0]` (keys) and `kv[i, 1]` (values) through `arena_attention` only.
+    writes `kv[i, 0]` (keys) and `kv[i, 1]` (values) through `arena_attention` only. These members are
+    everything the loader and the runner use.
     """
 
+    config_class: ClassVar[type]
+    stacked_modules: ClassVar[dict[str, tuple[str, int]]]  # {checkpoint module: (stacked module, its part)}
     config: ModelConfig
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
@@ -38,6 +44,10 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits (the LM head only)."""
+        ...
+
+    def prepack(self, batch_hint: int) -> None:
+        """Lay the weights out for decoding up to `batch_hint` rows on this device, once after loading."""
         ...
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from flover_backend.models.checkpoint import checkpoint_placements
 from flover_backend.models.llama import Llama, LlamaConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -134,7 +135,7 @@ def random_weights(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Deterministic float32 weights for an HF Llama config: norms 1, matrices N(0, gain^2 / fan_in)."""
     llama_config = LlamaConfig.from_hf(config)
     with torch.device("meta"):
-        shapes = {key: t.shape for key, t in Llama(llama_config).state_dict().items()}
+        shapes = {key: place.shape for key, place in checkpoint_placements(Llama(llama_config)).items()}
     head_std = LOGIT_STD / llama_config.hidden_size ** 0.5
     generator = torch.Generator().manual_seed(SEED)
     weights = {}

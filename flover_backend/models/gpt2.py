@@ -152,9 +152,12 @@ class GPT2(nn.Module):
     """GPT-2 causal LM: `forward` gives normed hidden states, `compute_logits` applies the LM head."""
 
     config_class: ClassVar[type] = GPT2Config
+    stacked_modules: ClassVar[dict[str, tuple[str, int]]] = {}  # the checkpoint's c_attn is q/k/v stacked already
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, rank: int = 0, world: int = 1):
         super().__init__()
+        if world > 1:
+            raise ValueError("tensor parallelism splits Llama-family models only, not GPT-2")
         self.config = config
         self.transformer = GPT2Transformer(config)
         # Tied (the usual case): no lm_head.weight of our own, the head reads wte directly.
@@ -173,3 +176,6 @@ class GPT2(nn.Module):
         """(N, hidden) -> (N, vocab) float32 logits."""
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+    def prepack(self, batch_hint: int) -> None:
+        """Nothing to lay out: Conv1D keeps HF's (in, out) weights, which oneDNN's linear packing does not take."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -10,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from flover_backend.layers.attention import ForwardBatch, arena_attention
-from flover_backend.layers.linear import PackedLinear, can_pack, pack_linears
+from flover_backend.layers.linear import (
+    MergedColumnParallelLinear,
+    PackedLinear,
+    RowParallelLinear,
+    can_pack,
+    pack_linears,
+)
 
 
 @dataclass
@@ -38,6 +45,14 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    def per_rank(self, world: int) -> LlamaConfig:
+        """One of `world` tensor-parallel ranks' share: 1/world of the heads, KV heads and MLP columns."""
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) % world:
+                raise ValueError(f"tensor_parallel_size {world} does not divide {name}={getattr(self, name)}")
+        return dataclasses.replace(self, num_heads=self.num_heads // world, num_kv_heads=self.num_kv_heads // world,
+                                   intermediate_size=self.intermediate_size // world)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -109,34 +124,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def stack_linears(*linears: nn.Linear) -> nn.Linear:
-    """One linear layer whose outputs are those of `linears`, in order (same input, all biased or none)."""
-    first = linears[0]
-    stacked = nn.Linear(first.in_features, sum(linear.out_features for linear in linears),
-                        bias=first.bias is not None, device="meta")
-    stacked.weight = nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
-    if first.bias is not None:
-        stacked.bias = nn.Parameter(torch.cat([linear.bias for linear in linears]), requires_grad=False)
-    return stacked
-
-
 class LlamaAttention(nn.Module):
-    """Grouped-query attention with RoPE; the arena holds the keys and values."""
+    """Grouped-query attention with RoPE; the arena holds the keys and values. q, k and v are one matmul."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads  # this rank's
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-
-    def fuse_projections(self) -> None:
-        """Replace q, k and v by one stacked projection: one matmul over x instead of three."""
-        self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [q_width, kv_width, kv_width], bias)
+        self.o_proj = RowParallelLinear(q_width, config.hidden_size, bias, rank, world)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -153,19 +151,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward; gate and up are one matmul."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-
-    def fuse_projections(self) -> None:
-        """Replace gate and up by one stacked projection: one matmul over x instead of two."""
-        self.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, rank, world)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x))."""
@@ -176,12 +168,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, rank, world)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, rank, world)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -193,27 +185,37 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder stack and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
         # Left uninitialised: weights always come from a checkpoint, and Embedding's normal_ init on
         # the meta device imports torch._dynamo (seconds at startup).
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rank, world) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Llama(nn.Module):
-    """Llama causal LM: `forward` gives normed hidden states, `compute_logits` applies the LM head."""
+    """Llama causal LM: `forward` gives normed hidden states, `compute_logits` applies the LM head.
+
+    Built as tensor-parallel rank `rank` of `world`: each rank holds its heads and MLP columns, and one
+    all-reduce after attention and one after the MLP give every rank the whole hidden state; embeddings,
+    norms and the LM head stay whole.
+    """
 
     config_class: ClassVar[type] = LlamaConfig
+    # Checkpoint projections served stacked: {checkpoint module: (stacked module, its part there)}.
+    stacked_modules: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, rank: int = 0, world: int = 1):
         super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
+        self.config = config = config.per_rank(world)  # this rank's heads and MLP columns
+        self.model = LlamaModel(config, rank, world)
         # Tied checkpoints have no lm_head.weight; the head then reads the embedding matrix directly,
-        # which keeps loading with assign=True free of parameter re-tying.
+        # so the loader never has to re-tie parameters it allocated.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
         cos, sin = rope_tables(config)
@@ -235,12 +237,6 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
-
-    def fuse_projections(self) -> None:
-        """From the checkpoint's layout to the serving one (the loader calls this once weights are in)."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
 
     def prepack(self, batch_hint: int) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
+from torch import nn
 
 from flover_backend.models import MODEL_REGISTRY, CausalLM
 from flover_backend.models.builtin import BUILTIN_PREFIX, builtin_checkpoint
-from flover_backend.models.llama import Llama
-from flover_backend.tensor_parallel import shard_llama
+from flover_backend.models.checkpoint import Placement, checkpoint_placements
 
 # Buffers some exporters save next to the weights; we derive them (causal mask, RoPE tables) instead.
 IGNORED_KEY_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -44,7 +44,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device, rank: int = 0,
                world: int = 1) -> CausalLM:
-    """Build the model named by `config.json` and fill it from the directory's safetensors files.
+    """Build the model named by `config.json` as it serves and fill it from the directory's safetensors files.
 
     With `world` > 1 the model is tensor-parallel rank `rank`'s share, and only that share is read.
     """
@@ -55,49 +55,55 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device,
         raise NotImplementedError(f"architecture {architecture!r} ({path}); we have {sorted(MODEL_REGISTRY)}")
     model_class = MODEL_REGISTRY[architecture]
     config = model_class.config_class.from_hf(hf_config)
-    # Meta parameters cost nothing; load_state_dict(assign=True) then swaps in the loaded tensors.
+    # Meta parameters cost nothing; each is replaced by the tensor read for it, or for a stacked one, by
+    # storage its parts are copied into.
     with torch.device("meta"):
-        model = model_class(config)
-    if world > 1:
-        if model_class is not Llama:
-            raise ValueError(f"tensor parallelism splits Llama-family models only, not {architecture}")
-        shard_llama(model, rank, world)
-    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    state = {}
+        model = model_class(config, rank, world)
+    placements = checkpoint_placements(model)
+    found = set()
     for file in _weight_files(path):
         with safe_open(file, framework="pt", device=str(device)) as checkpoint:
             for key in checkpoint.keys():  # noqa: SIM118 - safe_open is not a mapping
-                name = _match_key(key, shapes.keys())
+                name = _match_key(key, placements.keys())
+                if name in placements:
+                    _fill(placements[name], _read_share(checkpoint, key, placements[name], rank, world), dtype)
                 if name is not None:
-                    tensor = _read_share(checkpoint, key, shapes.get(name), rank, world)
-                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
+                    found.add(name)
+    missing, unexpected = sorted(placements.keys() - found), sorted(found - placements.keys())
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit {architecture}: "
                          f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    model.load_state_dict(state, assign=True)
-    if hasattr(model, "fuse_projections"):
-        model.fuse_projections()
     model.to(device=device, dtype=dtype)  # the derived buffers (RoPE tables) were built on the CPU
     return model.eval().requires_grad_(False)
 
 
-def _read_share(checkpoint, key: str, shape: torch.Size | None, rank: int, world: int) -> torch.Tensor:
-    """The whole tensor, or where the model holds 1/world of it along one dimension, only rank's block."""
-    if shape is None or world == 1:
-        return checkpoint.get_tensor(key)
-    view = checkpoint.get_slice(key)
+def _read_share(checkpoint, key: str, placement: Placement, rank: int, world: int) -> torch.Tensor:
+    """Checkpoint tensor `key` whole, or where ranks split it, only rank's block."""
+    view = checkpoint.get_slice(key)  # the shape only: nothing is read yet
     full = tuple(view.get_shape())
-    if full == tuple(shape):
+    split_dim = placement.split_dim
+    expected = tuple(size * world if dim == split_dim else size for dim, size in enumerate(placement.shape))
+    if full != expected:
+        raise ValueError(f"{key}: the checkpoint's shape {full} is not the {expected} the model needs")
+    if split_dim is None or world == 1:
         return checkpoint.get_tensor(key)
-    split = [dim for dim, (whole, part) in enumerate(zip(full, shape)) if whole != part]
-    if len(full) != len(shape) or len(split) != 1 or full[split[0]] != shape[split[0]] * world:
-        raise ValueError(f"{key}: the checkpoint's shape {full} is not {world} x the model's {tuple(shape)} "
-                         f"along one dimension")
-    size = shape[split[0]]
-    return view[tuple(slice(rank * size, (rank + 1) * size) if dim == split[0] else slice(None)
+    size = placement.shape[split_dim]
+    return view[tuple(slice(rank * size, (rank + 1) * size) if dim == split_dim else slice(None)
                       for dim in range(len(full)))]
+
+
+def _fill(placement: Placement, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Make `tensor` the parameter, or copy it into its rows of a stacked parameter (allocated on first use)."""
+    module, name, rows, _ = placement
+    if rows is None:
+        setattr(module, name, nn.Parameter(tensor.to(dtype), requires_grad=False))
+        return
+    param = getattr(module, name)
+    if param.is_meta:
+        param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=tensor.device), requires_grad=False)
+        setattr(module, name, param)
+    param[rows].copy_(tensor)
 
 
 def _weight_files(path: Path) -> list[Path]:

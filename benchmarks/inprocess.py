@@ -1,4 +1,4 @@
-"""In-process comparison of the policies on one trace, and the decode step against the machine's floor."""
+"""`make bench-inprocess`: the policies compared in-process on one trace, and the decode step against the floor."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from flover_backend.config import EngineConfig
-from flover_backend.engine import Engine, RequestOutput
-from flover_backend.floors import decode_floor, matmul_rate, memory_bandwidth, weight_footprint
-from flover_backend.sampling_params import SamplingParams
-from flover_backend.workload import RequestTiming, TraceRequest, make_trace, summarize
+from benchmarks.floors import decode_floor, matmul_rate, memory_bandwidth, weight_footprint
+from clients.workload import RequestTiming, TraceRequest, make_trace, summarize
+from flover_backend import Engine, EngineConfig, RequestOutput, SamplingParams
 
 
 def replay(engine: Engine, trace: list[TraceRequest]) -> list[RequestTiming]:
@@ -67,8 +65,7 @@ def run(args: argparse.Namespace) -> dict:
                        prompt_len=args.prompt_len, seed=args.seed)
     base = {"model": args.model, "max_num_seqs": max(args.num_requests, max(args.batch_sizes)),
             "max_model_len": args.prompt_len + max(args.max_tokens, 16) + 16, "num_threads": args.threads}
-    settings = {key: value for key, value in vars(args).items() if not callable(value)}
-    results: dict = {"settings": settings, "policies": {}}
+    results: dict = {"settings": vars(args), "policies": {}}
     for policy in args.policies:
         config = EngineConfig(**base, policy=policy, window_ms=args.window_ms)
         with Engine(config) as engine:
@@ -85,9 +82,9 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(args: argparse.Namespace) -> int:
-    """The `bench` subcommand: run, and exit 0."""
-    run(args)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.inprocess [options]`: run, and exit 0."""
+    run(parse_args(argv))
     return 0
 
 
@@ -127,8 +124,9 @@ def _write(results: dict, out_dir: Path) -> None:
     print(f"wrote {out_dir / 'inprocess.json'} and {out_dir / 'inprocess.md'}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `bench` subcommand's options."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options."""
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--interval-ms", type=float, default=50.0)
@@ -140,3 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
