@@ -43,7 +43,7 @@ class KVArena:
             self.copier = self._warm_up_cupy_copy()
 
     def _warm_up_cupy_copy(self) -> str:
-        """Compile CuPy's gather and scatter now, not in the first compaction under load; which copier works.
+        """Compile CuPy's copy kernel now, not in the first compaction under load; which copier works.
 
         CuPy compiles its kernels with NVRTC, which needs the CUDA headers. Where they are missing, torch's
         own indexing on the same view does the copy instead (on torch's stream, with no compiler).
@@ -51,7 +51,7 @@ class KVArena:
         import cupy
 
         try:
-            self._copy_on_torch_stream([0], [0], 1)  # row 0 onto itself: the read copies before the write
+            self._copy_on_torch_stream([RowMove(0, 0, 1)])  # row 0 onto itself
             return "cupy"
         except cupy.cuda.compiler.CompileException:
             logger.exception("CuPy cannot compile its copy kernels here; compaction uses torch indexing")
@@ -63,26 +63,24 @@ class KVArena:
         return self.tensor.numel() * self.tensor.element_size()
 
     def apply_moves(self, moves: list[RowMove]) -> int:
-        """Copy each move's used positions, all moves in one batched copy; returns bytes copied."""
-        if not moves:
-            return 0
-        length = max(move.length for move in moves)
-        src = [move.src for move in moves]
-        dst = [move.dst for move in moves]
-        if self.copier == "cupy":
-            self._copy_on_torch_stream(src, dst, length)
-        elif self.copier == "torch":
-            src_rows, dst_rows = (torch.tensor(rows, device=self.device) for rows in (src, dst))
-            self.tensor[:, :, dst_rows, :, :length] = self.tensor[:, :, src_rows, :, :length]
-        else:
-            # Fancy-indexed reads copy first, so the write never reads a row it has already overwritten.
-            self.array[:, :, dst, :, :length] = self.array[:, :, src, :, :length]
-        return len(moves) * length * self.bytes_per_position
+        """Copy each move's used positions only (a row holds its request's length, not max_model_len); bytes copied.
 
-    def _copy_on_torch_stream(self, src: list[int], dst: list[int], length: int) -> None:
-        """Run the CuPy copy on torch's current stream so it is ordered with the forwards around it."""
+        Sources are live rows past the dense prefix and destinations holes inside it, so no move reads a row
+        another has written: the copies can go one after another, each as long as its own row.
+        """
+        if self.copier == "cupy":
+            self._copy_on_torch_stream(moves)
+        else:
+            storage = self.tensor if self.copier == "torch" else self.array
+            for move in moves:
+                storage[:, :, move.dst, :, :move.length] = storage[:, :, move.src, :, :move.length]
+        return sum(move.length for move in moves) * self.bytes_per_position
+
+    def _copy_on_torch_stream(self, moves: list[RowMove]) -> None:
+        """Run the CuPy copies on torch's current stream so they are ordered with the forwards around them."""
         import cupy
 
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
         with stream:
-            self.array[:, :, cupy.asarray(dst), :, :length] = self.array[:, :, cupy.asarray(src), :, :length]
+            for move in moves:
+                self.array[:, :, move.dst, :, :move.length] = self.array[:, :, move.src, :, :move.length]
