@@ -3,8 +3,8 @@
 An eager decode step of a 22-layer Llama launches about a thousand small kernels, so on a GPU its time
 is Python and launch overhead, not the weights' bytes. Replaying a captured graph launches them in one
 call. A graph fixes every shape, so the batch is padded up to a bucket size and attention reads a
-bucketed number of key positions; padded rows decode a dummy token at position 0 of rows that are free
-at decode time (live rows are [0, span), and this iteration's prefills overwrite their rows after).
+bucketed number of key positions; padded rows decode a dummy token that writes its key at the scratch
+position (max_model_len - 1), which no request ever uses.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class DecodeGraphs:
         device = kv.device
         self.input_ids = torch.zeros(max_num_seqs, 1, dtype=torch.long, device=device)
         self.context_lens = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.write_pos = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -55,18 +56,22 @@ class DecodeGraphs:
         Every row is free at start-up, so the dummy rows these runs write to are nobody's.
         """
         if self.capture:
+            scratch = self.max_model_len - 1
             for batch in self.buckets:
-                self([0] * batch, [0] * batch)
+                self([0] * batch, [0] * batch, [scratch] * batch)
 
-    def __call__(self, token_ids: list[int], context_lens: list[int]) -> torch.Tensor:
-        """(len(token_ids), hidden) next-token states for rows [0, len(token_ids)); holes carry token 0, length 0."""
+    def __call__(self, token_ids: list[int], context_lens: list[int], write_pos: list[int]) -> torch.Tensor:
+        """(len(token_ids), hidden) next-token states for rows [0, len(token_ids)); rows not decoding carry
+        token 0, length 0 and the scratch position, as the padding does."""
         span = len(token_ids)
         batch = next(size for size in self.buckets if size >= span)
         num_keys = key_bucket(max(context_lens), self.max_model_len)
-        padding = [0] * (batch - span)
-        host = torch.tensor([token_ids + padding, context_lens + padding], dtype=torch.long)
+        padding = batch - span
+        host = torch.tensor([token_ids + [0] * padding, context_lens + [0] * padding,
+                             write_pos + [self.max_model_len - 1] * padding], dtype=torch.long)
         self.input_ids[:batch, 0].copy_(host[0])
         self.context_lens[:batch].copy_(host[1])
+        self.write_pos[:batch].copy_(host[2])
         if not self.capture:
             return self._forward(batch, num_keys)[:span]
         shape = (batch, num_keys)
@@ -82,7 +87,8 @@ class DecodeGraphs:
 
     def _forward(self, batch: int, num_keys: int) -> torch.Tensor:
         """The decode forward on the first `batch` static rows; only device work, so it can be captured."""
-        forward_batch = ForwardBatch.decode(slice(0, batch), self.context_lens[:batch], num_keys, self.dtype)
+        forward_batch = ForwardBatch.decode(slice(0, batch), self.context_lens[:batch], num_keys, self.dtype,
+                                            self.write_pos[:batch])
         return self.model(self.input_ids[:batch], forward_batch, self.kv)[:, 0]
 
     def _capture(self, batch: int, num_keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:

@@ -163,10 +163,10 @@ class Engine:
         started = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule(time.monotonic())
-        result = self._execute(out) if out.scheduled else None
+        result = self._execute(out) if out.has_forward else None
         emitted = self._postprocess(out, result, started)
         self._emit(emitted)
-        return bool(emitted)
+        return bool(emitted) or out.has_forward
 
     def _loop(self) -> None:
         status, error = RequestStatus.FINISHED_ABORT, None
@@ -211,7 +211,7 @@ class Engine:
         """Append each request's token, end the finished ones, count the iteration; what to emit."""
         emitted = [(request, [], "") for request in out.aborted]
         with self._lock:
-            self._num_queued -= len(out.prefill) + sum(request.row < 0 for request in out.aborted)
+            self._num_queued -= len(out.admitted) + sum(request.row < 0 for request in out.aborted)
         if result is not None:
             for i, request in enumerate(out.scheduled):
                 if i in result.row_errors:
@@ -225,7 +225,7 @@ class Engine:
                 emitted.append((request, [result.token_ids[i]], text))
             self.stats.record(IterationRecord(
                 seconds=time.perf_counter() - started, decode_seconds=result.timings.decode,
-                num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.prefill),
+                num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.scheduled) - len(out.decode),
                 num_waiting=self.scheduler.num_waiting), result.moved_bytes)
         # Before emitting, so whoever reads the counts on hearing of a finished request sees that request gone.
         self._publish_counts()

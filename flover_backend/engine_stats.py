@@ -17,7 +17,7 @@ class IterationRecord:
     decode_seconds: float  # the fused decode forward alone
     num_decode: int  # requests decoded in the fused forward
     decode_span: int  # rows that forward covered (more than num_decode when holes are not compacted)
-    num_prefill: int  # requests admitted at this boundary
+    num_prefill: int  # requests whose prompt was completed this iteration: each got its first token
     num_waiting: int
 
 

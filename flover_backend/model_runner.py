@@ -48,14 +48,18 @@ class StepPlan:
     decode_token_ids: list[int]
     decode_context_lens: list[int]
     prefill_rows: list[int]
-    prefill_prompts: list[list[int]]
+    prefill_token_ids: list[list[int]]  # each row's prompt chunk
+    prefill_starts: list[int]  # the chunk's first position
+    prefill_last: list[bool]  # whether the chunk ends its prompt: only those rows yield a hidden state
 
     @classmethod
     def from_output(cls, out: SchedulerOutput) -> StepPlan:
         """The plan for a scheduler decision."""
+        chunks = out.prefill
         return cls(out.moves, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
-                   [r.num_cached_tokens for r in out.decode], [r.row for r in out.prefill],
-                   [r.prompt_token_ids for r in out.prefill])
+                   [r.num_cached_tokens for r in out.decode], [c.request.row for c in chunks],
+                   [c.request.prompt_token_ids[c.start:c.end] for c in chunks], [c.start for c in chunks],
+                   [c.is_last for c in chunks])
 
 
 class ModelRunner:
@@ -82,6 +86,9 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(config.seed)
+        # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
+        # token is never fed back, so positions stop at max_model_len - 2.
+        self.scratch_position = config.max_model_len - 1
         # Graphs hold no collectives: with tensor parallelism every rank decodes eagerly.
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
         self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
@@ -108,13 +115,16 @@ class ModelRunner:
             if self.workers is not None:
                 self.workers.check(grace_s=5.0)  # a collective that failed because a rank died: say so
             raise
+        if hidden is None:  # only prompt chunks that end no prompt: nothing to sample
+            return StepResult([], {}, moved_bytes, timings)
         with torch.inference_mode():
             sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
         return StepResult(sampled, {}, moved_bytes, timings)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, int, StepTimings]:
-        """Compact, decode, prefill: the hidden states to sample from (decode rows first), bytes moved, timings."""
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, int, StepTimings]:
+        """Compact, decode, prefill: the hidden states to sample from (decode rows first, then the chunks that
+        end a prompt; None if there are none), bytes moved, timings."""
         timings = StepTimings()
         start = time.perf_counter()
         moved_bytes = self.arena.apply_moves(plan.moves)
@@ -124,9 +134,11 @@ class ModelRunner:
             hidden.append(self._decode(plan))
         timings.decode = self._synced_clock() - start - timings.compaction
         if plan.prefill_rows:
-            hidden.append(self._prefill(plan))
+            last_states = self._prefill(plan)
+            if len(last_states):
+                hidden.append(last_states)
         timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
-        return (torch.cat(hidden) if len(hidden) > 1 else hidden[0]), moved_bytes, timings
+        return (torch.cat(hidden) if len(hidden) > 1 else hidden[0] if hidden else None), moved_bytes, timings
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any."""
@@ -137,33 +149,36 @@ class ModelRunner:
     def _decode(self, plan: StepPlan) -> torch.Tensor:
         """One forward over rows [0, span): the next token's hidden state for every running request."""
         span = plan.decode_span
-        token_ids = [0] * span  # holes (compaction off) run a dummy token that attends to position 0
-        context_lens = [0] * span
+        # Rows in the span that are not decoding (holes, prompts still being written) run a dummy token that
+        # attends to position 0 and writes its key at the scratch position, which no request ever uses.
+        token_ids, context_lens, write_pos = [0] * span, [0] * span, [self.scratch_position] * span
         for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
-            token_ids[row] = token_id
-            context_lens[row] = context_len
+            token_ids[row], context_lens[row], write_pos[row] = token_id, context_len, context_len
         if self.decode_graphs is not None:
-            hidden = self.decode_graphs(token_ids, context_lens)
+            hidden = self.decode_graphs(token_ids, context_lens, write_pos)
         else:
-            host = torch.tensor([token_ids, context_lens], device=self.device)  # one host-to-device copy
-            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype)
+            host = torch.tensor([token_ids, context_lens, write_pos], device=self.device)  # one copy to the device
+            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype, host[2])
             hidden = self.model(host[0][:, None], batch, self.arena.tensor)[:, 0]  # (span, hidden)
         if span != len(plan.decode_rows):
             hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]
         return hidden
 
     def _prefill(self, plan: StepPlan) -> torch.Tensor:
-        """Write the admitted prompts into their rows; returns each prompt's last hidden state."""
-        prompt_lens = [len(prompt) for prompt in plan.prefill_prompts]
-        input_ids = torch.zeros(len(prompt_lens), max(prompt_lens), dtype=torch.long)
-        for i, prompt in enumerate(plan.prefill_prompts):
-            input_ids[i, : prompt_lens[i]] = torch.tensor(prompt)
+        """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends
+        its prompt."""
+        chunk_lens = [len(chunk) for chunk in plan.prefill_token_ids]
+        input_ids = torch.zeros(len(chunk_lens), max(chunk_lens), dtype=torch.long)
+        for i, chunk in enumerate(plan.prefill_token_ids):
+            input_ids[i, : chunk_lens[i]] = torch.tensor(chunk)
         rows_list = plan.prefill_rows
         dense = rows_list == list(range(rows_list[0], rows_list[0] + len(rows_list)))
         rows = slice(rows_list[0], rows_list[-1] + 1) if dense else torch.tensor(rows_list, device=self.device)
-        batch = ForwardBatch.prefill(rows, prompt_lens, self.device)
+        batch = ForwardBatch.prefill(rows, chunk_lens, self.device, plan.prefill_starts)
         hidden = self.model(input_ids.to(self.device), batch, self.arena.tensor)  # (B, T, hidden)
-        return hidden[torch.arange(len(prompt_lens), device=self.device), batch.last_index]
+        last = torch.tensor([i for i, is_last in enumerate(plan.prefill_last) if is_last], dtype=torch.long,
+                            device=self.device)
+        return hidden[last, batch.last_index[last]]
 
     def _synced_clock(self) -> float:
         """Wall time after the device has finished queued work, so phases are timed honestly on GPU."""

@@ -49,6 +49,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     row: int = -1  # arena row while running
+    num_computed_tokens: int = 0  # prompt positions scheduled into the row so far (chunked prefill)
     error: str | None = None
 
     @property
@@ -62,9 +63,16 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def is_prefilling(self) -> bool:
+        """Whether part of the prompt is still to be written into the row (no token generated yet)."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
     def num_cached_tokens(self) -> int:
         """Positions of this request held in its arena row: the prompt plus all but the newest token."""
-        return self.num_prompt_tokens + max(self.num_output_tokens - 1, 0)
+        if not self.output_token_ids:
+            return self.num_computed_tokens
+        return self.num_prompt_tokens + self.num_output_tokens - 1
 
     @property
     def last_token_id(self) -> int:

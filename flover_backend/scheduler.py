@@ -10,21 +10,41 @@ from flover_backend.request import Request, RequestStatus
 from flover_backend.row_table import RowMove, RowTable
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of a request to write into its row this iteration."""
+
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this chunk completes the prompt, so the request gets its first token from it."""
+        return self.end == self.request.num_prompt_tokens
+
+
 @dataclass
 class SchedulerOutput:
-    """What one iteration runs: row moves, then one decode forward, then the admitted prompts' prefill."""
+    """What one iteration runs: row moves, then one decode forward, then prompt chunks."""
 
     moves: list[RowMove] = field(default_factory=list)
     decode: list[Request] = field(default_factory=list)  # in row order
-    decode_span: int = 0  # the decode forward covers rows [0, decode_span)
-    prefill: list[Request] = field(default_factory=list)
+    decode_span: int = 0  # the decode forward covers rows [0, decode_span); rows in it not decoding are dummies
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # took a row at this boundary
     aborted: list[Request] = field(default_factory=list)  # left the loop at this boundary
     finished_req_ids: list[str] = field(default_factory=list)  # left since the last boundary: drop their state
 
     @property
     def scheduled(self) -> list[Request]:
         """Requests that get a token this iteration, in the order the sampled ids come back."""
-        return self.decode + self.prefill
+        return self.decode + [chunk.request for chunk in self.prefill if chunk.is_last]
+
+    @property
+    def has_forward(self) -> bool:
+        """Whether the iteration runs the model at all (a prompt's first chunks produce no token)."""
+        return bool(self.decode or self.prefill)
 
 
 class Scheduler:
@@ -69,21 +89,40 @@ class Scheduler:
         return max(0.0, self.waiting[0].arrival_time + self.config.window_ms / 1000 - now)
 
     def schedule(self, now: float) -> SchedulerOutput:
-        """The iteration boundary: apply aborts, compact freed rows, admit arrivals."""
+        """The iteration boundary: apply aborts, compact freed rows, admit arrivals, hand out prompt chunks."""
         out = SchedulerOutput(aborted=self._apply_aborts())
         out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         cached = {req_id: req.num_cached_tokens for req_id, req in self.running.items()}
         out.moves = self.rows.plan_compaction(cached)
         for move in out.moves:
             self.running[self.rows.owner(move.dst)].row = move.dst
-        out.decode = sorted(self.running.values(), key=lambda req: req.row)
-        out.decode_span = self.rows.span
+        out.decode = sorted((req for req in self.running.values() if not req.is_prefilling), key=lambda req: req.row)
+        out.decode_span = out.decode[-1].row + 1 if out.decode else 0
         for request in self._admit(now):
             request.status = RequestStatus.RUNNING
             request.row = self.rows.allocate(request.req_id)
             self.running[request.req_id] = request
-            out.prefill.append(request)
+            out.admitted.append(request)
+        out.prefill = self._prompt_chunks()
         return out
+
+    def _prompt_chunks(self) -> list[PrefillChunk]:
+        """The next chunk of every prompt still being written, oldest first, within the per-iteration budget.
+
+        A long prompt then enters over several iterations, and the requests already decoding keep their pace.
+        """
+        budget = self.config.max_prefill_tokens or float("inf")
+        chunks = []
+        for request in self.running.values():  # admission order
+            if budget <= 0:
+                break
+            if request.is_prefilling:
+                start = request.num_computed_tokens
+                end = int(min(request.num_prompt_tokens, start + budget))
+                chunks.append(PrefillChunk(request, start, end))
+                request.num_computed_tokens = end
+                budget -= end - start
+        return chunks
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Retire a request now; its row becomes a hole that the next boundary compacts."""

@@ -60,8 +60,9 @@ def alone(greedy_jobs):
     return run_staggered(engine_config(policy="solo"), greedy_jobs, steps_between=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"compaction": False}, {"policy": "window", "window_ms": 20}],
-                         ids=["fused", "fused-no-compaction", "window"])
+@pytest.mark.parametrize("overrides", [{}, {"compaction": False}, {"policy": "window", "window_ms": 20},
+                                       {"max_prefill_tokens": 3}, {"max_prefill_tokens": 2, "compaction": False}],
+                         ids=["fused", "fused-no-compaction", "window", "chunked-prefill", "chunked-prefill-holes"])
 def test_greedy_tokens_fused_equal_alone(greedy_jobs, alone, overrides):
     fused = run_staggered(engine_config(**overrides), greedy_jobs)
     for job, got, want in zip(greedy_jobs, fused, alone):

@@ -49,8 +49,27 @@ def hf_model(name: str) -> torch.nn.Module:
     return model
 
 
-def check_against_hf(ours, hf) -> None:
-    """Prefill two right-padded prompts, decode a few steps, and compare each step with HF's full forward."""
+def prefill_in_chunks(ours, seqs: list[list[int]], kv: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Write prompts into rows 0.. `chunk` tokens per forward, as the scheduler hands them out; last states."""
+    last: dict[int, torch.Tensor] = {}
+    for start in range(0, max(map(len, seqs)), chunk):
+        rows = [i for i, seq in enumerate(seqs) if len(seq) > start]
+        pieces = [seqs[i][start:start + chunk] for i in rows]
+        input_ids = torch.zeros(len(rows), max(map(len, pieces)), dtype=torch.long)
+        for b, piece in enumerate(pieces):
+            input_ids[b, :len(piece)] = torch.tensor(piece)
+        batch = ForwardBatch.prefill(torch.tensor(rows), [len(p) for p in pieces], torch.device("cpu"),
+                                     [start] * len(rows))
+        hidden = ours.forward(input_ids, batch, kv)
+        for b, i in enumerate(rows):
+            if start + len(pieces[b]) == len(seqs[i]):
+                last[i] = hidden[b, batch.last_index[b]]
+    return torch.stack([last[i] for i in range(len(seqs))])
+
+
+def check_against_hf(ours, hf, chunk: int | None = None) -> None:
+    """Prefill two right-padded prompts (whole, or `chunk` tokens at a time), decode a few steps, and compare
+    each step with HF's full forward."""
     c = ours.config
     generator = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
@@ -60,8 +79,11 @@ def check_against_hf(ours, hf) -> None:
         input_ids[i, :len(seq)] = torch.tensor(seq)
     batch = ForwardBatch.prefill(slice(0, 2), PROMPT_LENS, torch.device("cpu"))
     with torch.no_grad():
-        hidden = ours.forward(input_ids, batch, kv)
-        logits = ours.compute_logits(hidden[torch.arange(2), batch.last_index])
+        if chunk is None:
+            hidden = ours.forward(input_ids, batch, kv)
+            logits = ours.compute_logits(hidden[torch.arange(2), batch.last_index])
+        else:
+            logits = ours.compute_logits(prefill_in_chunks(ours, seqs, kv, chunk))
         for step in range(NUM_DECODE_STEPS + 1):
             assert logits.dtype == torch.float32 and logits.shape == (2, VOCAB_SIZE)
             for i, seq in enumerate(seqs):
@@ -87,6 +109,15 @@ def test_logits_match_transformers(name, sharded, tmp_path):
     ours = load_model(tmp_path, torch.float32, "cpu")
     assert isinstance(ours, MODEL_REGISTRY[hf.config.architectures[0]])
     check_against_hf(ours, hf)
+
+
+@pytest.mark.parametrize("chunk", [2, 4])
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_prompts_written_in_chunks_give_the_same_logits(name, chunk, tmp_path):
+    """Later chunks attend to the positions the row already holds, causally within the chunk."""
+    hf = hf_model(name)
+    hf.save_pretrained(tmp_path)
+    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk)
 
 
 def expected_share(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

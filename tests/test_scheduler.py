@@ -31,11 +31,11 @@ def test_fused_admits_at_every_boundary_and_decodes_all_running_in_one_batch():
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a"))
     first = run_iteration(scheduler)
-    assert [r.req_id for r in first.prefill] == ["a"] and first.decode == []
+    assert [c.request.req_id for c in first.prefill] == ["a"] and first.decode == []
     scheduler.add_request(make_request("b"))
     second = run_iteration(scheduler)
     assert [r.req_id for r in second.decode] == ["a"]
-    assert [r.req_id for r in second.prefill] == ["b"]
+    assert [c.request.req_id for c in second.prefill] == ["b"]
     third = run_iteration(scheduler)
     assert [r.req_id for r in third.decode] == ["a", "b"] and third.decode_span == 2
 
@@ -45,8 +45,8 @@ def test_length_finish_frees_row_and_next_boundary_compacts_tail_into_hole():
     for name, max_tokens in [("a", 1), ("b", 5), ("c", 5)]:
         scheduler.add_request(make_request(name, max_tokens=max_tokens))
     out = run_iteration(scheduler)  # prefill: a gets its only token and finishes
-    assert [r.row for r in out.prefill] == [0, 1, 2]
-    a, b, c = out.prefill
+    assert [c.request.row for c in out.prefill] == [0, 1, 2]
+    a, b, c = (chunk.request for chunk in out.prefill)
     assert a.status == RequestStatus.FINISHED_LENGTH and scheduler.num_running == 2
     out = run_iteration(scheduler)
     assert len(out.moves) == 1
@@ -65,7 +65,7 @@ def test_compaction_off_leaves_hole_in_span_and_reuses_it():
     assert out.moves == [] and out.decode_span == 3 and [r.row for r in out.decode] == [1, 2]
     scheduler.add_request(make_request("d"))
     out = run_iteration(scheduler)
-    assert out.prefill[0].row == 0
+    assert out.prefill[0].request.row == 0
 
 
 def test_full_arena_queues_fifo_and_admits_as_rows_free():
@@ -73,10 +73,10 @@ def test_full_arena_queues_fifo_and_admits_as_rows_free():
     for i in range(4):
         scheduler.add_request(make_request(f"r{i}", max_tokens=2))
     out = run_iteration(scheduler)
-    assert [r.req_id for r in out.prefill] == ["r0", "r1"] and scheduler.num_waiting == 2
+    assert [c.request.req_id for c in out.prefill] == ["r0", "r1"] and scheduler.num_waiting == 2
     run_iteration(scheduler)  # r0, r1 reach max_tokens
     out = run_iteration(scheduler)
-    assert [r.req_id for r in out.prefill] == ["r2", "r3"]
+    assert [c.request.req_id for c in out.prefill] == ["r2", "r3"]
 
 
 def test_abort_waiting_and_running_leave_at_the_boundary():
@@ -101,13 +101,13 @@ def test_window_waits_for_its_window_then_runs_batch_to_completion():
     assert scheduler.seconds_until_admission(0.05) == pytest.approx(0.05)
     scheduler.add_request(make_request("b", arrival=0.06, max_tokens=1))
     out = run_iteration(scheduler, now=0.1)
-    assert [r.req_id for r in out.prefill] == ["a", "b"]
+    assert [c.request.req_id for c in out.prefill] == ["a", "b"]
     scheduler.add_request(make_request("c", arrival=0.11))
     out = run_iteration(scheduler, now=0.5)  # c waits although a row is free: the batch still runs
     assert out.prefill == [] and [r.req_id for r in out.decode] == ["a"]
     run_iteration(scheduler, now=0.6)  # a finishes
     out = run_iteration(scheduler, now=0.7)
-    assert [r.req_id for r in out.prefill] == ["c"]
+    assert [c.request.req_id for c in out.prefill] == ["c"]
 
 
 def test_window_closes_early_when_batch_is_full():
@@ -122,7 +122,38 @@ def test_solo_runs_one_request_at_a_time():
     scheduler = make_scheduler(policy="solo")
     scheduler.add_request(make_request("a", max_tokens=2))
     scheduler.add_request(make_request("b", max_tokens=2))
-    assert [r.req_id for r in run_iteration(scheduler).prefill] == ["a"]
+    assert [c.request.req_id for c in run_iteration(scheduler).prefill] == ["a"]
     out = run_iteration(scheduler)
     assert out.prefill == [] and [r.req_id for r in out.decode] == ["a"]
-    assert [r.req_id for r in run_iteration(scheduler).prefill] == ["b"]
+    assert [c.request.req_id for c in run_iteration(scheduler).prefill] == ["b"]
+
+
+def test_long_prompts_enter_in_chunks_within_the_budget_while_others_decode():
+    scheduler = make_scheduler(max_prefill_tokens=8)
+    scheduler.add_request(make_request("short", prompt_len=3, max_tokens=20))
+    out = run_iteration(scheduler)
+    assert [(c.start, c.end, c.is_last) for c in out.prefill] == [(0, 3, True)]
+    scheduler.add_request(make_request("long", prompt_len=19, max_tokens=20))
+    spans = []
+    for _ in range(3):
+        out = run_iteration(scheduler)
+        assert [r.req_id for r in out.decode] == ["short"]  # never held up by the long prompt
+        spans += [(c.start, c.end, c.is_last) for c in out.prefill]
+        long = out.prefill[0].request
+        assert long.num_cached_tokens == out.prefill[0].end and long.num_output_tokens == int(out.prefill[0].is_last)
+    assert spans == [(0, 8, False), (8, 16, False), (16, 19, True)]
+    assert [r.req_id for r in out.scheduled] == ["short", "long"]  # the long one's first token, last
+    out = run_iteration(scheduler)
+    assert [r.req_id for r in out.decode] == ["short", "long"] and out.prefill == []
+
+
+def test_the_budget_is_shared_oldest_prompt_first():
+    scheduler = make_scheduler(max_prefill_tokens=10)
+    for name in ("a", "b", "c"):
+        scheduler.add_request(make_request(name, prompt_len=6, max_tokens=4))
+    out = run_iteration(scheduler)
+    assert [(c.request.req_id, c.start, c.end) for c in out.prefill] == [("a", 0, 6), ("b", 0, 4)]
+    assert [r.req_id for r in out.admitted] == ["a", "b", "c"]  # rows are taken at once
+    out = run_iteration(scheduler)
+    assert [(c.request.req_id, c.start, c.end) for c in out.prefill] == [("b", 4, 6), ("c", 0, 6)]
+    assert [r.req_id for r in out.decode] == ["a"] and out.decode_span == 1

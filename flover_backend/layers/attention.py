@@ -12,10 +12,11 @@ import torch.nn.functional as F
 class ForwardBatch:
     """Which arena rows one forward covers and where each row's new tokens sit.
 
-    Prefill: every row starts at position 0, prompts right-padded to T; attention is causal over the
-    fresh keys, so padding after a prompt is never seen by its real tokens.
-    Decode: T == 1; row b writes its new key at `write_pos[b]` and attends to the cached keys where
-    `key_mask[b]` is True (its own length only; holes in the batch see one dummy key).
+    Prefill: row b writes prompt positions [starts[b], starts[b] + chunk_lens[b]), chunks right-padded to T.
+    When every chunk starts at 0 attention is causal over the fresh keys alone, so padding after a prompt is
+    never seen by its real tokens; a later chunk also attends to the positions its row already holds.
+    Decode: T == 1; row b writes its new key at `write_pos[b]` and attends to the cached keys that
+    `key_bias[b]` leaves open (its own length only; a row that is not decoding sees one dummy key).
     """
 
     rows: slice | torch.Tensor  # arena rows, one per batch entry (a slice when they are dense)
@@ -23,7 +24,9 @@ class ForwardBatch:
     is_prefill: bool
     write_pos: torch.Tensor | None = None  # decode: (B,) long
     key_bias: torch.Tensor | None = None  # decode: (B, 1, 1, S) 0 where a row may attend, -inf elsewhere
-    last_index: torch.Tensor | None = None  # prefill: (B,) index of each prompt's last token
+    last_index: torch.Tensor | None = None  # prefill: (B,) index of each chunk's last token
+    chunks: list[tuple[int, int]] | None = None  # prefill after a first chunk: (start, length) per row
+    prefix_mask: torch.Tensor | None = None  # with `chunks`: (B, 1, T, S) True where a query sees a key
     _write_index: dict = field(default_factory=dict)  # decode: flat arena offsets, built once per step
 
     @property
@@ -47,18 +50,30 @@ class ForwardBatch:
         return self._write_index[key]
 
     @classmethod
-    def prefill(cls, rows: slice | torch.Tensor, prompt_lens: list[int], device: torch.device) -> ForwardBatch:
-        """A batch that writes whole prompts (right-padded to the longest) into `rows`."""
-        longest = max(prompt_lens)
-        positions = torch.arange(longest, device=device).expand(len(prompt_lens), longest)
-        last_index = torch.tensor([n - 1 for n in prompt_lens], device=device)
-        return cls(rows=rows, positions=positions, is_prefill=True, last_index=last_index)
+    def prefill(cls, rows: slice | torch.Tensor, chunk_lens: list[int], device: torch.device,
+                starts: list[int] | None = None) -> ForwardBatch:
+        """A batch that writes prompt chunks (right-padded to the longest) into `rows`, from `starts` (0s)."""
+        longest = max(chunk_lens)
+        offsets = torch.arange(longest, device=device)
+        last_index = torch.tensor([n - 1 for n in chunk_lens], device=device)
+        if not starts or not any(starts):
+            return cls(rows=rows, positions=offsets.expand(len(chunk_lens), longest), is_prefill=True,
+                       last_index=last_index)
+        start = torch.tensor(starts, device=device)
+        # Padding positions repeat the chunk's last one, so they stay inside the RoPE tables.
+        positions = start[:, None] + torch.minimum(offsets[None, :], last_index[:, None])
+        keys = torch.arange(max(s + n for s, n in zip(starts, chunk_lens)), device=device)
+        prefix_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        return cls(rows=rows, positions=positions, is_prefill=True, last_index=last_index,
+                   chunks=list(zip(starts, chunk_lens)), prefix_mask=prefix_mask)
 
     @classmethod
     def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int,
-               dtype: torch.dtype = torch.float32) -> ForwardBatch:
-        """A batch that appends one token per row at position `context_lens[b]` (0 for a hole).
+               dtype: torch.dtype = torch.float32, write_pos: torch.Tensor | None = None) -> ForwardBatch:
+        """A batch that appends one token per row at position `context_lens[b]`.
 
+        A row in the span that is not decoding (a hole, or a prompt still being written) has context 0 and
+        writes its dummy key at `write_pos[b]`: a scratch position no request uses (default: context_lens).
         `num_keys` is how many cached positions attention reads per row, at least the longest length + 1.
         It comes from the host: working it out from `context_lens` would read the device, which a CUDA
         graph cannot.
@@ -67,7 +82,7 @@ class ForwardBatch:
         hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
         key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
-                   write_pos=context_lens, key_bias=key_bias)
+                   write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias)
 
 
 def arena_attention(
@@ -80,11 +95,19 @@ def arena_attention(
 ) -> torch.Tensor:
     """Store this step's keys/values in the arena rows, then attend; returns (B, nh, T, hd)."""
     gqa = q.shape[1] != k.shape[1]
-    if batch.is_prefill:
+    if batch.is_prefill and batch.chunks is None:
         num_tokens = k.shape[2]
         k_cache[batch.rows, :, :num_tokens] = k
         v_cache[batch.rows, :, :num_tokens] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if batch.is_prefill:
+        rows = range(batch.rows.start, batch.rows.stop) if isinstance(batch.rows, slice) else batch.rows.tolist()
+        for b, (row, (start, length)) in enumerate(zip(rows, batch.chunks)):
+            k_cache[row, :, start:start + length] = k[b, :, :length]
+            v_cache[row, :, start:start + length] = v[b, :, :length]
+        num_keys = batch.prefix_mask.shape[-1]
+        keys, values = k_cache[batch.rows, :, :num_keys], v_cache[batch.rows, :, :num_keys]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.prefix_mask, enable_gqa=gqa)
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
