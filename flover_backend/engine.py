@@ -198,7 +198,10 @@ class Engine:
             for request in out.scheduled:
                 self._emit(request, [], "")
             return True
-        self.scheduler.update_from_output(out, sampled)
+        for row, error in sampled.errors.items():  # a row that could not be sampled fails alone
+            out.scheduled[row].error = error
+            self.scheduler.finish(out.scheduled[row], RequestStatus.FINISHED_ERROR)
+        self.scheduler.update_from_output(out, sampled.token_ids)
         texts = [self._detokenize(request) for request in out.scheduled]
         # Totals first, so whoever reads them on hearing of a finished request sees that request gone.
         self.stats.record(IterationRecord(
@@ -209,7 +212,7 @@ class Engine:
         ))
         self._publish_counts()
         for request, text in zip(out.scheduled, texts):
-            self._emit(request, request.output_token_ids[-1:], text)
+            self._emit(request, [] if request.error else request.output_token_ids[-1:], text)
         return True
 
     def _publish_counts(self) -> None:

@@ -14,7 +14,7 @@ from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
-from flover_backend.sampler import Sampler
+from flover_backend.sampler import Sampler, SamplerOutput
 from flover_backend.scheduler import SchedulerOutput
 from flover_backend.tensor_parallel import WorkerGroup, check_gpus, rank_device
 
@@ -87,8 +87,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[int], int, StepTimings]:
-        """Run one iteration; returns the sampled ids (aligned with `out.scheduled`), compaction bytes, timings."""
+    def execute(self, out: SchedulerOutput) -> tuple[SamplerOutput, int, StepTimings]:
+        """Run one iteration; returns the sampled tokens (aligned with `out.scheduled`, with the rows whose
+        sampling failed), compaction bytes, timings."""
         plan = StepPlan.from_output(out)
         try:
             if self.workers is not None:

@@ -89,8 +89,11 @@ class Scheduler:
         return out
 
     def update_from_output(self, out: SchedulerOutput, sampled_ids: list[int]) -> None:
-        """Append each scheduled request's new token and retire those it finishes."""
+        """Append each scheduled request's new token and retire those it finishes; a request already
+        finished (its sampling failed this iteration) gets no token."""
         for request, token_id in zip(out.scheduled, sampled_ids, strict=True):
+            if request.status.finished:
+                continue
             request.output_token_ids.append(token_id)
             if token_id in request.params.stop_token_ids or (
                 token_id in self.eos_token_ids and not request.params.ignore_eos
