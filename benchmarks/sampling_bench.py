@@ -1,7 +1,7 @@
 """The sampling step alone, old per-row sampler against the batched one, in the same run: `make bench-sampling`.
 
 32 rows x 32000 logits on the CPU, one table row per setting, median ms over `--calls` calls after a warm-up,
-the two samplers called alternately so that a busy machine slows both alike. Logits are Zipf-shaped (token of
+the two samplers taking turns of a few calls each so that a busy machine slows both alike. Logits are Zipf-shaped (token of
 rank r has logit -1.2 ln r, slightly jittered; at temperature 0.8 the top-p 0.9 nucleus holds tens of tokens,
 as an LLM's often does) and, for top-p, also flat (Gaussian, sd 3: a nucleus of hundreds of tokens).
 """
@@ -107,16 +107,18 @@ SETTINGS: dict[str, tuple[Callable[[int], SamplingParams], Callable[[int], torch
 
 
 def time_side_by_side(samplers: dict[str, Callable], requests: list[Request], steps: list[torch.Tensor],
-                      calls: int) -> dict[str, float]:
-    """Median ms of each sampler over `calls` calls, taking turns, each call on the next step's logits."""
+                      calls: int, rounds: int = 5) -> dict[str, float]:
+    """Median ms of each sampler over `calls` calls, in `rounds` turns of a few calls each (each sampler warm in
+    its turn, both under the same spells of load), each call on the next step's logits."""
     times: dict[str, list[float]] = {name: [] for name in samplers}
-    for call in range(calls + 2):  # the first two warm up
-        logits = steps[call % len(steps)]
+    for turn in range(rounds):
         for name, sampler in samplers.items():
-            start = time.perf_counter()
-            sampler(logits, requests)
-            if call >= 2:
-                times[name].append(time.perf_counter() - start)
+            for call in range(-1, calls // rounds):  # call -1 warms up
+                logits = steps[call % len(steps)]
+                start = time.perf_counter()
+                sampler(logits, requests)
+                if call >= 0:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
 
 
@@ -140,7 +142,7 @@ def run(calls: int) -> dict:
 
 def write_markdown(results: dict, path: Path) -> None:
     """The table of `results` as Markdown."""
-    about = (f"Median of {results['calls']} calls per sampler, taken in turns in one run "
+    about = (f"Median of {results['calls']} calls per sampler, in turns of a few calls in one run "
              f"({results['torch_threads']} torch threads, torch {results['torch']}); temperature "
              f"{results['temperature']} for every sampled row. Measured on a shared, noisy machine: compare the "
              "columns of one row, not runs.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ class Sampler:
         sampled = [i for i, request in enumerate(requests) if not request.params.greedy]
         if greedy:
             for i, token_id, value in zip(greedy, *_argmax(logits, greedy)):
-                if np.isfinite(value):
+                if math.isfinite(value):
                     out.token_ids[i] = token_id
                 else:
                     out.errors[i] = f"cannot pick a token: the logits are not finite (the largest is {value})"

@@ -14,8 +14,8 @@ from flover_backend.sampling_params import SamplingParams
 BLOCK_SIZE = 128
 # Logits first ranked for a top-p row without top-k; a row whose nucleus is wider is ranked again, wider.
 NUCLEUS_WINDOW = 64
-# torch.rand can return exactly 0, whose Exp(1) draw -log(0) is inf; it counts as the largest draw any other
-# uniform gives, -log(2**-24), so every score stays finite and a masked -inf stays -inf.
+# torch.rand can return exactly 0, whose Exp(1) draw -log(0) is inf and would sink a kept token to -inf, level
+# with the masked ones; it counts instead as the largest draw any other uniform gives, -log(2**-24).
 MAX_LOG_NOISE = math.log(24 * math.log(2))
 
 

@@ -20,9 +20,9 @@ class SamplingParams:
     """How one request picks its tokens and when it stops.
 
     temperature 0, or anything below MIN_SAMPLING_TEMPERATURE (1e-5), means greedy: the most likely token.
-    top_k keeps the k most likely tokens (0 keeps all; tokens tied with the k-th stay too), then top_p keeps
-    the most likely of those up to probability mass top_p (1 keeps all). A seed makes the tokens depend on
-    the seed and the logits alone, never on what else shares the batch.
+    top_k keeps the k most likely tokens (0 keeps all), then top_p keeps the fewest most likely of those whose
+    probability reaches top_p (1 keeps all); tokens tied with the last one kept by either stay too. A seed
+    makes the tokens depend on the seed and the logits alone, never on what else shares the batch.
     """
 
     max_tokens: int = 16

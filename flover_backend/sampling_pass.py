@@ -70,7 +70,7 @@ def _kept_mass(kept_blocks: torch.Tensor, floor: torch.Tensor | None, top: torch
     """(n, m): each block's probability mass over its tokens at or above the row's floor, relative to the
     row's top token (whose mass is 1)."""
     mass = (kept_blocks / temperature[:, None, None]).sub_(top[..., None]).exp_()
-    if floor is not None:
+    if floor is not None and bool((floor > _NEG_INF).any()):
         mass.masked_fill_(kept_blocks < floor[:, None, None], 0.0)
     return mass.sum(-1)
 
@@ -140,7 +140,7 @@ def _nucleus_floors(blocks: torch.Tensor, block_max: torch.Tensor, top: torch.Te
     past_kth = ranked.gather(1, top_k.clamp_max(ranked.shape[1] - 1)[:, None])[:, 0]
     weigh_blocks = (top_p < 1.0) & ((top_k == 0) | (past_kth >= floor))
     if weigh_blocks.any():
-        rows = weigh_blocks.nonzero()[:, 0]
+        rows = slice(None) if weigh_blocks.all() else weigh_blocks.nonzero()[:, 0]  # a slice copies nothing
         holding = _blocks_reaching(blocks[rows], block_max[rows], floor[rows])
         total[rows] = _kept_mass(holding, floor[rows], top[rows], temperature[rows]).sum(-1)
     edge, num_kept = _nucleus_edge(cumulative, ranked, total, top_p)

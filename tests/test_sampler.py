@@ -181,6 +181,17 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     assert [out.token_ids[0], out.token_ids[5]] == healthy
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_tokens_from_logits_on_the_gpu():
+    """The pass runs where the logits are; the noise comes from CPU generators, so a seed draws alike on both."""
+    params = [SamplingParams(), *TARGETS, SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=9)]
+    steps = [random_logits(len(params), seed) for seed in range(4)]
+    steps[1][2] = NAN
+    on_cpu = run_steps(requests_for(params), steps)
+    assert run_steps(requests_for(params), [logits.cuda() for logits in steps]) == on_cpu
+
+
 # ----- through the engine -----
 
 def engine_config(**overrides) -> EngineConfig:
