@@ -165,6 +165,33 @@ def test_wide_nucleus_keeps_exactly_the_top_p_mass():
             assert token_id in order[row, :nucleus_size[row]].tolist()
 
 
+def allowed(logits: torch.Tensor, params: SamplingParams, slack: float = 1e-3) -> set[int]:
+    """The tokens a top-k / top-p cut keeps, computed plainly in float64 (top_p widened by `slack` to absorb
+    float32 rounding at the edge)."""
+    values = logits.double()
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if params.top_k:
+        keep &= values >= values.sort(descending=True).values[params.top_k - 1]
+    if params.top_p < 1.0:
+        kept = (values[keep] / params.temperature).softmax(-1).sort(descending=True)
+        before = kept.values.cumsum(-1) - kept.values
+        edge = values[keep][kept.indices[(before < params.top_p + slack).sum() - 1]]
+        keep &= values >= edge
+    return set(keep.nonzero()[:, 0].tolist())
+
+
+def test_drawn_tokens_stay_inside_the_cut_even_among_ties():
+    """bfloat16-rounded logits tie often, at the k-th and at the nucleus' edge."""
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=i)
+              for i, (t, k, p) in enumerate([(1.0, 1, 1.0), (0.7, 5, 1.0), (1.0, 50, 0.9), (1.5, 200, 0.5),
+                                             (0.9, 0, 0.5), (1.0, 0, 0.95), (0.5, 3, 0.3), (2.0, 1000, 1.0)])]
+    sampler, requests = Sampler(), requests_for(params)
+    for step in range(6):
+        logits = random_logits(len(params), 20 + step, scale=2.0).bfloat16().float()
+        for row, token_id in enumerate(sampler(logits, requests).token_ids):
+            assert token_id in allowed(logits[row], params[row]), (step, params[row])
+
+
 def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = random_logits(6, 0)
     logits[1, 17] = NAN  # sampled
