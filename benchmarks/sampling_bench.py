@@ -143,7 +143,7 @@ def run(calls: int) -> dict:
 def write_markdown(results: dict, path: Path) -> None:
     """The table of `results` as Markdown."""
     about = (f"Median of {results['calls']} calls per sampler, in turns of a few calls in one run "
-             f"({results['torch_threads']} torch threads, torch {results['torch']}); temperature "
+             f"(torch {results['torch']}, {results['torch_threads']} thread(s)); temperature "
              f"{results['temperature']} for every sampled row. Measured on a shared, noisy machine: compare the "
              "columns of one row, not runs.")
     lines = [f"# Sampling step: {results['num_rows']} rows x {results['vocab_size']} vocab on the CPU", "", about, "",
