@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 HOST ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf soak clean
+.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess bench-sampling perf soak clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ soak: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.experiments --quick --out benchmarks/results/quick
+
+# The sampling step alone on 32 x 32000 CPU logits: the old per-row sampler against the batched one.
+bench-sampling: setup
+	$(PY) -m benchmarks.sampling_bench --out benchmarks/results
 
 # perf_analyzer against the server `make serve` started (another terminal).
 perf: setup

@@ -119,7 +119,7 @@ class ModelRunner:
             return StepResult([], {}, moved_bytes, timings)
         with torch.inference_mode():
             sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
-        return StepResult(sampled, {}, moved_bytes, timings)
+        return StepResult(sampled.token_ids, sampled.errors, moved_bytes, timings)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, int, StepTimings]:

@@ -12,11 +12,20 @@ from flover_backend.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # longer ones would hold back that much streamed text, waiting to rule them out
 MAX_STOP_TOKEN_IDS = 256
+# Below this, temperature scaling could overflow float32 (logits / 1e-38 is inf) long before it could change
+# which token wins, so such requests take the most likely token, exactly as temperature 0 does.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
-    """How one request picks its tokens and when it stops. temperature 0 means greedy."""
+    """How one request picks its tokens and when it stops.
+
+    temperature 0, or anything below MIN_SAMPLING_TEMPERATURE (1e-5), means greedy: the most likely token.
+    top_k keeps the k most likely tokens (0 keeps all), then top_p keeps the fewest most likely of those whose
+    probability reaches top_p (1 keeps all); tokens tied with the last one kept by either stay too. A seed
+    makes the tokens depend on the seed and the logits alone, never on what else shares the batch.
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -58,7 +67,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Whether the request takes the most likely token every step."""
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
