@@ -101,7 +101,7 @@ def test_server_command_names_ports_and_backends(tmp_path):
     backend_dir = prepare_backend_dir(tmp_path / "backends")
     assert prepare_backend_dir(tmp_path / "backends") == backend_dir  # second call reuses the first copy
     assert (backend_dir / "python" / "triton_python_backend_stub").exists()
-    command = server_command(tmp_path, 1, 2, 3, "0.0.0.0", backend_dir, ["--log-verbose=1"])
+    command = server_command(tmp_path, 1, 2, 3, "0.0.0.0", backend_dir, ["--log-verbose=1"], admin_key="key")
     assert f"--backend-directory={backend_dir}" in command
     assert {"--http-port=1", "--grpc-port=2", "--metrics-port=3", "--grpc-address=0.0.0.0"} <= set(command)
     assert command[-1] == "--log-verbose=1"
