@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 HOST ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf clean
+.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess perf dashboard-snapshot clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.experiments --quick --out benchmarks/results/quick
+
+# The Grafana dashboard's panels drawn from a recorded run (no Grafana needed): benchmarks/results/dashboard.png
+dashboard-snapshot: setup
+	$(PY) -m benchmarks.dashboard_snapshot
 
 # perf_analyzer against the server `make serve` started (another terminal).
 perf: setup

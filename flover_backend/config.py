@@ -29,6 +29,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
     max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
     max_prompt_bytes: int = 0  # a text prompt's UTF-8 bytes, checked before tokenizing; 0: 32 x max_model_len
+    log_prompts: bool = False  # the INFO line logged per finished request also holds its prompt text
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

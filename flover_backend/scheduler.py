@@ -80,6 +80,7 @@ class Scheduler:
         out.decode_span = self.rows.span
         for request in self._admit(now):
             request.status = RequestStatus.RUNNING
+            request.admitted_time = now
             request.row = self.rows.allocate(request.req_id)
             self.running[request.req_id] = request
             out.prefill.append(request)
