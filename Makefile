@@ -4,7 +4,7 @@ STAMP := .venv/.installed
 HOST ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess bench-sampling perf soak clean
+.PHONY: setup test lint serve demo generate bench bench-quick bench-inprocess bench-sampling perf soak dashboard-snapshot clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ bench-quick: setup
 # The sampling step alone on 32 x 32000 CPU logits: the old per-row sampler against the batched one.
 bench-sampling: setup
 	$(PY) -m benchmarks.sampling_bench --out benchmarks/results
+
+# The Grafana dashboard's panels drawn from a recorded run (no Grafana needed): benchmarks/results/dashboard.png
+dashboard-snapshot: setup
+	$(PY) -m benchmarks.dashboard_snapshot
 
 # perf_analyzer against the server `make serve` started (another terminal).
 perf: setup

@@ -30,6 +30,7 @@ class EngineConfig:
     max_prefill_tokens: int = 256  # prompt tokens written per iteration (chunked prefill); 0: whole prompts
     max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
     max_prompt_bytes: int = 0  # a text prompt's UTF-8 bytes, checked before tokenizing; 0: 32 x max_model_len
+    log_prompts: bool = False  # the INFO line logged per finished request also holds its prompt text
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flover_backend.config import EngineConfig
-from flover_backend.engine_stats import EngineStats, IterationRecord
+from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
 from flover_backend.models.loader import load_tokenizer, resolve_model_path
@@ -69,7 +69,9 @@ class Engine:
         eos = model_config.eos_token_id
         self.scheduler = Scheduler(config)
         self.outputs = OutputProcessor(self.tokenizer, frozenset(eos if isinstance(eos, list) else [eos]) - {None})
-        self.stats = EngineStats()
+        arena, world = self.runner.arena, config.tensor_parallel_size
+        self._kv_bytes_per_position = arena.bytes_per_position * world  # each rank holds 1/world of the heads
+        self.stats = EngineStats(num_rows=config.max_num_seqs, kv_bytes_allocated=arena.nbytes * world)
         self._callbacks: dict[str, OutputCallback] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -93,6 +95,7 @@ class Engine:
         on_output: OutputCallback,
     ) -> str:
         """Validate and queue a request; `on_output` gets its outputs on the loop thread. Returns its id."""
+        arrival_time = time.monotonic()  # before tokenizing: that is part of the request's latency
         if self._stopping:
             raise EngineDeadError("the engine is stopped")
         params = params or SamplingParams()
@@ -104,7 +107,8 @@ class Engine:
             raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
                                                     f"({params.max_tokens}) exceeds max_model_len "
                                                     f"{self.config.max_model_len}")
-        request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params)
+        request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params,
+                          arrival_time=arrival_time)
         with self._lock:
             if self._stopping:
                 raise EngineDeadError("the engine is stopped")
@@ -213,6 +217,7 @@ class Engine:
         with self._lock:
             self._num_queued -= len(out.admitted) + sum(request.row < 0 for request in out.aborted)
         if result is not None:
+            now = time.monotonic()
             for i, request in enumerate(out.scheduled):
                 if i in result.row_errors:
                     request.error = result.row_errors[i]
@@ -220,20 +225,24 @@ class Engine:
                     emitted.append((request, [], ""))
                     continue
                 text, status = self.outputs.append_token(request, result.token_ids[i])
+                request.record_token_time(now)
                 if status is not None:
                     self.scheduler.finish(request, status)
                 emitted.append((request, [result.token_ids[i]], text))
             self.stats.record(IterationRecord(
                 seconds=time.perf_counter() - started, decode_seconds=result.timings.decode,
                 num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.scheduled) - len(out.decode),
-                num_waiting=self.scheduler.num_waiting), result.moved_bytes)
-        # Before emitting, so whoever reads the counts on hearing of a finished request sees that request gone.
-        self._publish_counts()
+                num_waiting=self.scheduler.num_waiting,
+                num_prompt_tokens=sum(chunk.end - chunk.start for chunk in out.prefill),
+                moved_bytes=result.moved_bytes, compaction_seconds=result.timings.compaction))
         return emitted
 
     def _publish_counts(self) -> None:
-        self.stats.num_running = self.scheduler.num_running
+        running = self.scheduler.running.values()
+        self.stats.num_running = len(running)
         self.stats.num_waiting = self.scheduler.num_waiting
+        positions = sum(request.num_cached_tokens for request in running)
+        self.stats.kv_bytes_in_use = positions * self._kv_bytes_per_position
 
     def _drain_inbox(self) -> None:
         while True:
@@ -250,7 +259,12 @@ class Engine:
                 self.scheduler.abort(payload)
 
     def _emit(self, emitted: list[tuple[Request, list[int], str]]) -> None:
-        """Hand each output to its request's callback; a finished request is forgotten."""
+        """Count the finished requests, then hand each output to its callback; a finished request is forgotten."""
+        # Before any callback, so whoever hears of a finished request finds it counted and gone from the gauges.
+        for request, _, _ in emitted:
+            if request.status.finished:
+                self._record_finished(request)
+        self._publish_counts()
         for request, new_token_ids, new_text in emitted:
             finished = request.status.finished
             output = RequestOutput(request.req_id, new_token_ids, new_text, finished, request.status.finish_reason,
@@ -265,6 +279,16 @@ class Engine:
                 logger.exception("output callback for %s failed; aborting it", request.req_id)
                 if not finished:
                     self.scheduler.abort(request.req_id)
+
+    def _record_finished(self, request: Request) -> None:
+        """Stamp a request's end, count it, and log one line for it (its prompt only if `log_prompts` is set)."""
+        request.finished_time = time.monotonic()
+        record = FinishedRecord.of(request)
+        self.stats.record_finished(record)
+        if logger.isEnabledFor(logging.INFO):
+            error = f" error={request.error!r}" if request.error else ""
+            prompt = f" prompt={self.tokenizer.decode(request.prompt_token_ids)!r}" if self.config.log_prompts else ""
+            logger.info("finished %s: %s%s%s", request.req_id, record.describe(), error, prompt)
 
     def _prompt_token_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         """The prompt as token ids, each input bounded before any work is done on it."""

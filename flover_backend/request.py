@@ -36,6 +36,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ABORT: "abort",
     RequestStatus.FINISHED_ERROR: "error",
 }
+FINISH_REASONS = tuple(_FINISH_REASONS.values())
 
 
 @dataclass(eq=False)
@@ -45,12 +46,16 @@ class Request:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_time: float = field(default_factory=time.monotonic)  # time.monotonic(), as every timestamp here
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     row: int = -1  # arena row while running
     num_computed_tokens: int = 0  # prompt positions scheduled into the row so far (chunked prefill)
     error: str | None = None
+    admitted_time: float | None = None  # given a row
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None  # its final output handed to the caller
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -78,3 +83,31 @@ class Request:
     def last_token_id(self) -> int:
         """The newest token, the input of the request's next decode step."""
         return self.output_token_ids[-1]
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to admission into a row; None if never admitted."""
+        return None if self.admitted_time is None else self.admitted_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from arrival to the first generated token; None before it."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean seconds between consecutive generated tokens after the first; None with fewer than two."""
+        if self.num_output_tokens < 2:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e_latency(self) -> float | None:
+        """Seconds from arrival to the final output; None while live."""
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+    def record_token_time(self, now: float) -> None:
+        """Stamp a token generated at `now`."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now

@@ -100,6 +100,7 @@ class Scheduler:
         out.decode_span = out.decode[-1].row + 1 if out.decode else 0
         for request in self._admit(now):
             request.status = RequestStatus.RUNNING
+            request.admitted_time = now
             request.row = self.rows.allocate(request.req_id)
             self.running[request.req_id] = request
             out.admitted.append(request)

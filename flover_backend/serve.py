@@ -28,6 +28,8 @@ from flover_backend.triton_env import (
 )
 from flover_backend.watchdog import Watchdog, WatchdogGaveUp
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # of the models' Python logging (log_level parameter)
+
 
 class TritonServerError(ServerProcessError):
     """tritonserver exited, or never became ready; the message carries the end of its log."""
@@ -137,6 +139,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible API (/v1/...) on this "
                                                         "port of --host (default: off)")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="level of the models' own Python log, in tritonserver's (default: each model's "
+                             "log_level parameter, else info: one line per finished request)")
     parser.add_argument("--models", nargs="+", help="serve only these models of the repository (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an engine parameter of every served model, e.g. --set model=builtin:tiny")
@@ -155,8 +160,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; return 0 on a requested stop, else tritonserver's exit code."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly under `kill` and docker stop
     repository = args.model_repository
-    if args.models or args.set:
-        settings = dict(item.split("=", 1) for item in args.set)
+    settings = model_settings(args)
+    if args.models or settings:
         repository = derive_repository(work_dir() / f"repository-{args.http_port}", args.models, settings,
                                        source=args.model_repository)
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -182,6 +187,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except (TritonServerError, WatchdogGaveUp, OpenAIFrontError) as error:
         print(error, file=sys.stderr)
         return 1
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The parameters to set in every served model's config.pbtxt: `--set`'s, and `--log-level` as log_level."""
+    settings = dict(item.split("=", 1) for item in args.set)
+    if args.log_level:
+        settings["log_level"] = args.log_level
+    return settings
 
 
 def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:

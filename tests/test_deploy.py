@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
 from flover_backend.cli import build_parser
 from flover_backend.config import EngineConfig
 from flover_backend.serve import run_serve
+from flover_backend.triton_model.metrics import HISTOGRAM, METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -27,6 +28,7 @@ DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
 LAUNCHER = ["python3", "-m", "flover_backend", "serve", "--host", "0.0.0.0", "--openai-port", "8003"]
 NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"  # the NGC image's own wrapper; it ends in `exec "$@"`
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 8003}
+MONITORING = {"prometheus": 9090, "grafana": 3000}  # the `monitoring` profile's services and their ports
 
 
 def instructions(name: str) -> list[tuple[str, str]]:
@@ -206,6 +208,70 @@ def test_compose_ports_health_and_volumes(compose, service_name, dockerfile):
 def test_compose_cpu_service_is_behind_a_profile(compose):
     assert compose["services"]["flover-cpu"]["profiles"] == ["cpu"]
     assert "profiles" not in compose["services"]["flover"]
+
+
+def test_compose_monitoring_profile_stays_on_loopback_and_mounts_what_exists(compose):
+    for name, port in MONITORING.items():
+        service = compose["services"][name]
+        assert service["profiles"] == ["monitoring"]
+        assert [compose_defaults(published) for published in service["ports"]] == [f"127.0.0.1:{port}:{port}"]
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            assert not source.startswith(".") or (DOCKER / source).exists(), f"{name} mounts missing {source}"
+            assert source.startswith(".") or source in compose["volumes"], f"{name}: {source} must be a named volume"
+
+
+def mounted(compose, service: str, source: str) -> str:
+    """Where `service` mounts the file or folder `source` (relative to docker/)."""
+    (target,) = [volume.split(":")[1] for volume in compose["services"][service]["volumes"]
+                 if volume.split(":")[0] == source]
+    return target
+
+
+def test_prometheus_scrapes_the_metrics_port_of_either_flover_service(compose):
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    assert mounted(compose, "prometheus", "./prometheus.yml") == "/etc/prometheus/prometheus.yml"
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    targets = {target for group in job["static_configs"] for target in group["targets"]}
+    assert targets == {f"{name}:{PORTS['metrics']}" for name in ("flover", "flover-cpu")}
+    assert targets <= {f"{name}:{PORTS['metrics']}" for name in compose["services"]}
+
+
+def dashboard() -> dict:
+    return json.loads((DOCKER / "grafana" / "dashboards" / "flover.json").read_text())
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard(compose):
+    provisioning = DOCKER / "grafana" / "provisioning"
+    assert mounted(compose, "grafana", "./grafana/provisioning") == "/etc/grafana/provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == f"http://prometheus:{MONITORING['prometheus']}"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "flover.yaml").read_text())["providers"]
+    assert mounted(compose, "grafana", "./grafana/dashboards") == provider["options"]["path"]
+    board = dashboard()
+    used = [panel["datasource"] for panel in board["panels"]] + [
+        target["datasource"] for panel in board["panels"] for target in panel["targets"]]
+    assert all(datasource == {"type": "prometheus", "uid": source["uid"]} for datasource in used)
+
+
+def test_dashboard_queries_only_metrics_the_server_exports():
+    board = dashboard()
+    queries = [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+    queries += [variable["definition"] for variable in board["templating"]["list"]]
+    kinds = {spec.name: spec.kind for spec in METRICS}
+    queried = set()
+    for name in {name for query in queries for name in re.findall(r"\bflover_\w+", query)}:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert family in kinds, f"the dashboard queries {name}, which the server does not export"
+        assert (family != name) == (kinds[family] == HISTOGRAM), f"{name}: a histogram's series, and only those"
+        queried.add(family)
+    wanted = {"flover_generated_tokens_total", "flover_time_to_first_token_seconds",
+              "flover_time_per_output_token_seconds", "flover_requests_running", "flover_requests_waiting",
+              "flover_iteration_seconds", "flover_compaction_bytes_total", "flover_compaction_seconds"}
+    assert wanted <= queried, f"panels missing: {wanted - queried}"
+    assert all("histogram_quantile" in query for query in queries if "_bucket" in query)
 
 
 def test_k8s_deployment(k8s):

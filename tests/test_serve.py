@@ -17,7 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
-from flover_backend.serve import TritonServer, TritonServerError
+from flover_backend.cli import build_parser
+from flover_backend.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 from tests.echo_server import free_ports, group_members, write_repository
 
@@ -147,3 +148,9 @@ def test_cli_serve_stops_on_sigterm(tmp_path):
         assert cli.wait(timeout=30) == 0, cli.stderr.read()
     log = next((tmp_path / "home" / "triton" / "logs").glob("tritonserver-*.log")).read_text()
     assert "successfully unloaded 'echo'" in log
+
+
+def test_log_level_reaches_every_model_as_its_log_level_parameter():
+    args = build_parser().parse_args(["serve", "--log-level", "debug", "--set", "max_num_seqs=4"])
+    assert model_settings(args) == {"max_num_seqs": "4", "log_level": "debug"}
+    assert model_settings(build_parser().parse_args(["serve"])) == {}  # the repository is served as it is

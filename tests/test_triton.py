@@ -29,6 +29,7 @@ from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer
+from flover_backend.triton_model.metrics import METRICS
 
 pytestmark = pytest.mark.triton
 SETTINGS = {"model": "builtin:tiny", "max_num_seqs": 16, "max_model_len": 256, "num_threads": 1}
@@ -41,7 +42,10 @@ def server(tmp_path_factory, builtin_home):
                              instance_counts={"flover_instances": 2},
                              variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2}),
                                        "flover_busy": ("flover", {"policy": "window", "window_ms": 600_000,
-                                                                 "max_num_waiting": 2})})
+                                                                 "max_num_waiting": 2, "log_level": "warning"}),
+                                       # Admits two requests together, in arrival order, whenever two wait.
+                                       "flover_pair": ("flover", {"policy": "window", "window_ms": 600_000,
+                                                                 "max_batch": 2})})
     ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
@@ -49,17 +53,24 @@ def server(tmp_path_factory, builtin_home):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The in-process engine's greedy answer to PROMPT: what every protocol must return."""
+    """The in-process engine's greedy answer to PROMPT (what every protocol must return) and PROMPT's length."""
     config = EngineConfig(**SETTINGS)
     with Engine(config) as engine:
         outputs = list(engine.generate(PROMPT, SamplingParams(max_tokens=24, ignore_eos=True)))
-    return [t for o in outputs for t in o.new_token_ids], "".join(o.new_text for o in outputs)
+    return [t for o in outputs for t in o.new_token_ids], "".join(o.new_text for o in outputs), outputs[-1].num_prompt_tokens
 
 
-def metric(server, name: str, model: str = "flover") -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = [float(v) for v in re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)]
-    assert values, f"{name} for {model} not on the metrics page"
+def metrics_page(server) -> str:
+    return urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+
+
+def metric(server, name: str, model: str = "flover", page: str | None = None, **labels: str) -> float:
+    """The sum of `name`'s series for `model` whose labels include `labels` (read now, or from `page`)."""
+    wanted = {"model": model, **labels}
+    found = re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", page or metrics_page(server), re.MULTILINE)
+    values = [float(value) for series, value in found
+              if wanted.items() <= dict(re.findall(r'(\w+)="([^"]*)"', series)).items()]
+    assert values, f"{name} {wanted} not on the metrics page"
     return sum(values)
 
 
@@ -127,7 +138,14 @@ def test_cancel_frees_row_and_others_finish(server):
     victim = GrpcStream(server.grpc_url, "flover", {"text_input": "cancel me", "max_tokens": 230, "ignore_eos": True})
     chunks = iter(victim)
     next(chunks)
-    assert wait_for(lambda: metric(server, "flover_requests_running") == 2)
+
+    def both_hold_rows() -> bool:
+        page = metrics_page(server)
+        return (metric(server, "flover_requests_running", page=page) == 2
+                and metric(server, "flover_arena_rows_in_use", page=page) == 2
+                and metric(server, "flover_kv_cache_bytes_in_use", page=page) > 0)
+
+    assert wait_for(both_hold_rows)
     victim.cancel()
     assert wait_for(lambda: metric(server, "flover_requests_running") == 1)  # freed while the keeper runs
     keeper.join(timeout=120)
@@ -171,8 +189,10 @@ def test_full_queue_answers_busy_at_once_and_takes_requests_again_once_it_drains
     params = {"text_input": "wait", "max_tokens": 4}
     waiting = [GrpcStream(server.grpc_url, "flover_busy", params) for _ in range(2)]
     assert wait_for(lambda: metric(server, "flover_requests_waiting", "flover_busy") == 2)
+    refused = metric(server, "flover_request_refused_total", "flover_busy", reason="busy")
     with pytest.raises(ServerError, match="busy"):
         list(stream_grpc(server.grpc_url, "flover_busy", text_input="refused", max_tokens=2))
+    assert wait_for(lambda: metric(server, "flover_request_refused_total", "flover_busy", reason="busy") == refused + 1)
     for stream in waiting:
         stream.cancel()
     assert wait_for(lambda: metric(server, "flover_requests_waiting", "flover_busy") == 0)
@@ -200,13 +220,117 @@ def test_wrong_dtype_and_shape_rejected_naming_the_input(server):
 
 def test_metrics_count_iterations_tokens_and_ttft(server):
     list(stream_grpc(server.grpc_url, "flover", text_input="count me", max_tokens=5, ignore_eos=True))
-    time.sleep(0.2)  # the response thread publishes metrics every few tens of milliseconds
+    # The response thread publishes metrics every few tens of milliseconds.
+    assert wait_for(lambda: metric(server, "flover_time_to_first_token_seconds_count") >= 1)
     assert metric(server, "flover_iterations_total") >= 5
     assert metric(server, "flover_generated_tokens_total") >= 5
     assert metric(server, "flover_time_to_first_token_seconds_count") >= 1
     assert metric(server, "flover_iteration_seconds_count") >= 5
     assert metric(server, "flover_requests_waiting") == 0
     assert metric(server, "flover_compaction_bytes_total") >= 0
+
+
+def test_every_declared_metric_is_on_the_metrics_page(server):
+    exported = set(re.findall(r"^# TYPE (\S+) (\w+)$", metrics_page(server), re.MULTILINE))
+    assert {(spec.name, spec.kind) for spec in METRICS} <= exported
+
+
+REQUEST_HISTOGRAMS = ("flover_request_prompt_tokens", "flover_request_generation_tokens",
+                      "flover_e2e_request_latency_seconds", "flover_request_queue_time_seconds",
+                      "flover_time_to_first_token_seconds", "flover_time_per_output_token_seconds")
+
+
+def test_request_metrics_move_by_exactly_what_was_served(server, reference):
+    """Requests of known sizes, one after another: every per-request histogram and token count moves by them."""
+    assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
+    names = [f"{name}_count" for name in REQUEST_HISTOGRAMS] + [
+        "flover_request_prompt_tokens_sum", "flover_request_generation_tokens_sum", "flover_prompt_tokens_total",
+        "flover_generated_tokens_total"]
+    reasons = ("length", "stop")
+
+    def snapshot() -> dict:
+        page = metrics_page(server)
+        return ({name: metric(server, name, page=page) for name in names}
+                | {reason: metric(server, "flover_request_success_total", page=page, finished_reason=reason)
+                   for reason in reasons})
+
+    before = snapshot()
+    sizes = [(3, 4), (5, 6), (8, 7)]  # (prompt ids, max_tokens): each ends by length
+    finals = [list(stream_grpc(server.grpc_url, "flover", input_ids=list(range(10, 10 + num_ids)),
+                               max_tokens=max_tokens, ignore_eos=True))[-1] for num_ids, max_tokens in sizes]
+    greedy, _, num_prompt_tokens = reference
+    stop_at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])  # ends at its first sight
+    finals.append(list(stream_grpc(server.grpc_url, "flover", text_input=PROMPT, max_tokens=24, ignore_eos=True,
+                                   stop_token_ids=[greedy[stop_at]]))[-1])
+    assert [(f.finish_reason, f.num_output_tokens) for f in finals] == [("length", m) for _, m in sizes] + [
+        ("stop", stop_at + 1)]
+    prompt_tokens = sum(n for n, _ in sizes) + num_prompt_tokens
+    generated = sum(m for _, m in sizes) + stop_at + 1
+    assert wait_for(lambda: metric(server, "flover_request_generation_tokens_count")
+                    == before["flover_request_generation_tokens_count"] + 4)
+    after = snapshot()
+    grown = {key: after[key] - before[key] for key in before}
+    assert grown == {**{f"{name}_count": 4 for name in REQUEST_HISTOGRAMS},
+                     "flover_request_prompt_tokens_sum": prompt_tokens, "flover_prompt_tokens_total": prompt_tokens,
+                     "flover_request_generation_tokens_sum": generated, "flover_generated_tokens_total": generated,
+                     "length": 3, "stop": 1}
+
+
+def test_refused_requests_are_counted_by_cause(server):
+    def refused(reason: str) -> float:
+        return metric(server, "flover_request_refused_total", reason=reason)
+
+    before = {reason: refused(reason) for reason in ("invalid", "busy", "unavailable", "internal")}
+    for fields in ({"text_input": "x", "max_tokens": -3}, {"input_ids": [-5, 3]}):
+        with pytest.raises(ServerError):
+            list(stream_grpc(server.grpc_url, "flover", **fields))
+    assert wait_for(lambda: refused("invalid") == before["invalid"] + 2)
+    assert {reason: refused(reason) for reason in ("busy", "unavailable", "internal")} == {
+        reason: before[reason] for reason in ("busy", "unavailable", "internal")}
+
+
+def test_arena_gauges_and_compaction_follow_the_rows(server):
+    """flover_pair admits a short and a long request together: the short one ends first, from row 0, so the long
+    one's row moves down once, carrying exactly its cached positions."""
+    model = "flover_pair"
+    page = metrics_page(server)
+    num_rows = metric(server, "flover_arena_rows", model, page=page)
+    allocated = metric(server, "flover_kv_cache_bytes_allocated", model, page=page)
+    assert num_rows == SETTINGS["max_num_seqs"] and allocated > 0
+    bytes_per_position = allocated / (num_rows * SETTINGS["max_model_len"])
+    compactions = metric(server, "flover_compaction_seconds_count", model, page=page)
+    moved = metric(server, "flover_compaction_bytes_total", model, page=page)
+    short = GrpcStream(server.grpc_url, model, {"input_ids": [1, 2, 3], "max_tokens": 5, "ignore_eos": True})
+    assert wait_for(lambda: metric(server, "flover_requests_waiting", model) == 1)  # row 0 is the short one's
+    long_ids = list(range(20, 27))
+    long = GrpcStream(server.grpc_url, model, {"input_ids": long_ids, "max_tokens": 20, "ignore_eos": True})
+    assert sum(len(chunk.token_ids) for chunk in short) == 5
+    assert sum(len(chunk.token_ids) for chunk in long) == 20
+
+    def settled() -> bool:
+        page = metrics_page(server)
+        return (metric(server, "flover_arena_rows_in_use", model, page=page) == 0
+                and metric(server, "flover_compaction_seconds_count", model, page=page) == compactions + 1)
+
+    assert wait_for(settled)
+    page = metrics_page(server)
+    # When the short one left, the long one held its prompt and 4 of its 5 tokens so far.
+    assert metric(server, "flover_compaction_bytes_total", model, page=page) - moved == (
+        (len(long_ids) + 4) * bytes_per_position)
+    assert metric(server, "flover_kv_cache_bytes_in_use", model, page=page) == 0
+    assert metric(server, "flover_kv_cache_usage_perc", model, page=page) == 0
+
+
+def test_finished_requests_are_logged_without_their_prompts(server):
+    probe = "a prompt that must stay out of the log"
+    list(stream_grpc(server.grpc_url, "flover", text_input=probe, max_tokens=19, ignore_eos=True))
+    line = re.compile(r" INFO flover_\S+ flover_backend\.engine: finished flover_\S+: finish_reason=length "
+                      r"prompt_tokens=\d+ output_tokens=19 queue_time=")
+    assert wait_for(lambda: line.search(server.log_path.read_text(errors="replace")))
+    log = server.log_path.read_text(errors="replace")
+    assert probe not in log
+    # flover_busy logs at warning: its cancelled requests (test_full_queue_...) left no INFO line.
+    assert " INFO flover_busy_" not in log and re.search(r" INFO flover_0\S* flover_backend\.engine: finished", log)
 
 
 def test_perf_analyzer_streams_against_flover(server, tmp_path):

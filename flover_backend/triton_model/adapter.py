@@ -15,8 +15,8 @@ import triton_python_backend_utils as pb_utils
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine import Engine, RequestOutput
-from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
-from flover_backend.triton_model.metrics import EngineMetrics
+from flover_backend.triton_model.logs import configure_logging
+from flover_backend.triton_model.metrics import EngineMetrics, refusal_reason
 from flover_backend.triton_model.parsing import ParsedRequest, RequestLimits, parse_request
 from flover_backend.triton_model.schema import INPUTS
 
@@ -32,10 +32,8 @@ class _Stream:
     req_id: str
     sender: object  # pb_utils.InferenceResponseSender
     parsed: ParsedRequest
-    arrival: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    got_first_token: bool = False
     cancel_sent: bool = False
 
 
@@ -48,10 +46,13 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the flover model must be decoupled (it streams)")
         settings = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+        # The stub process's logging, not the engine's: an engine embedded elsewhere leaves its host's alone.
+        configure_logging(settings.pop("log_level", "info"), args["model_instance_name"])
         config = EngineConfig.from_dict(settings)
         self.engine = Engine(config).start()
         self.limits = RequestLimits(max_prompt_bytes=config.prompt_byte_limit, max_prompt_tokens=config.max_model_len)
-        self.metrics = EngineMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]})
+        self.metrics = EngineMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]},
+                                     config.max_model_len)
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -67,13 +68,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._admit(request, sender)
-            except InvalidRequestError as exc:
-                _send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
-            except (EngineBusyError, EngineDeadError) as exc:
-                _send_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
-            except Exception:  # a bug: the client gets no traceback or server path, the log gets both
-                logger.exception("request %s failed before reaching the engine", request.request_id())
-                _send_error(sender, "internal error (logged on the server)", pb_utils.TritonError.INTERNAL)
+            except Exception as exc:  # noqa: BLE001 - every refusal is answered and counted; bugs are logged
+                self._refuse(request, sender, exc)
 
     def _admit(self, request, sender) -> None:
         parsed = parse_request(_inputs(request), self.limits)
@@ -89,6 +85,18 @@ class TritonPythonModel:
         # (or a window) makes none, yet its cancellation must be watched and the metrics must show it.
         self._outputs.put(None)
 
+    def _refuse(self, request, sender, error: Exception) -> None:
+        """Answer a request the engine did not take with an error, and count it by cause."""
+        reason = refusal_reason(error)
+        self.metrics.count_refused(reason)
+        if reason == "internal":  # a bug: the client gets no traceback or server path, the log gets both
+            logger.exception("request %s failed before reaching the engine", request.request_id())
+            _send_error(sender, "internal error (logged on the server)", pb_utils.TritonError.INTERNAL)
+        else:
+            code = pb_utils.TritonError.INVALID_ARG if reason == "invalid" else pb_utils.TritonError.UNAVAILABLE
+            _send_error(sender, str(error), code)
+        self._outputs.put(None)  # wake the response thread, idle perhaps, to publish the count
+
     def finalize(self) -> None:
         """Stop the loop (in-flight requests end with 'abort'), flush their responses, join the threads."""
         self.engine.stop()
@@ -98,6 +106,7 @@ class TritonPythonModel:
     # ----- response thread -----
 
     def _respond_loop(self) -> None:
+        self.metrics.update(self.engine.stats)  # the arena's capacity is on the page before any request comes
         last_poll = 0.0
         while True:
             # Idle, sleep until the engine says something: an idle model must cost the server nothing,
@@ -144,9 +153,6 @@ class TritonPythonModel:
                 self.engine.abort(stream.req_id)
 
     def _send(self, stream: _Stream, output: RequestOutput) -> None:
-        if output.new_token_ids and not stream.got_first_token:
-            stream.got_first_token = True
-            self.metrics.observe_ttft(time.monotonic() - stream.arrival)
         try:
             if output.finish_reason == "error":
                 _send_error(stream.sender, f"generation failed: {output.error}", pb_utils.TritonError.INTERNAL)
