@@ -1,4 +1,4 @@
-"""Our Llama and GPT-2 give transformers' logits on the same weights, loaded through our loader."""
+"""Every served family gives transformers' logits on the same weights, loaded through our loader."""
 
 import contextlib
 import json
@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, GemmaConfig, GPTJConfig, MistralConfig, Qwen2Config
 from transformers import GPT2Config as HFGPT2Config
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
 
 from flover_backend.layers.attention import ForwardBatch
@@ -34,6 +34,21 @@ HF_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "gpt2": lambda: HFGPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    # Partial rotary: 8 of each head's 16 features rotate.
+    "gptj": lambda: GPTJConfig(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                               bos_token_id=1, eos_token_id=2),
+    # Windows shorter than the longest prompt (9) and than its decode steps, so both paths hide keys.
+    "mistral-sliding": lambda: MistralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=6),
+    # Qwen2's window covers layers from max_window_layers on: here layer 1 slides and layer 0 does not.
+    "qwen2-tied-sliding": lambda: Qwen2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=5, max_window_layers=1),
+    "gemma": lambda: GemmaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=64),
 }
 
 
@@ -41,7 +56,7 @@ def hf_model(name: str) -> torch.nn.Module:
     """A random transformers model whose norms and biases are off their ones/zeros init."""
     torch.manual_seed(0)
     config = HF_CONFIGS[name]()
-    model = (GPT2LMHeadModel if name == "gpt2" else LlamaForCausalLM)(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:  # a norm or bias left at its init would hide a missing one
@@ -184,9 +199,10 @@ class CountingCheckpoint:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_each_rank_reads_only_the_elements_it_holds(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["llama-gqa", "gptj"])
+def test_each_rank_reads_only_the_elements_it_holds(name, world, tmp_path, monkeypatch):
     """No rank reads the whole model: what a rank reads from the checkpoint is exactly what it holds."""
-    hf_model("llama-gqa").save_pretrained(tmp_path)
+    hf_model(name).save_pretrained(tmp_path)
     num_read: list[int] = []
 
     @contextlib.contextmanager
@@ -218,8 +234,9 @@ def test_gpt2_openai_key_layout(tmp_path):
     check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf)
 
 
-def test_bfloat16_load(tmp_path):
-    hf = hf_model("llama-gqa")
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma"])
+def test_bfloat16_load(name, tmp_path):
+    hf = hf_model(name)
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path, torch.bfloat16, "cpu")
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
@@ -265,8 +282,17 @@ def test_loader_rejects_unknown_architecture(tmp_path):
     hf_model("llama-gqa").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
-    with pytest.raises(NotImplementedError, match="MambaForCausalLM"):
+    with pytest.raises(NotImplementedError, match="MambaForCausalLM") as error:
         load_model(tmp_path, torch.float32, "cpu")
+    for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+                      "GPT2LMHeadModel", "GPTJForCausalLM"):
+        assert supported in str(error.value)
+
+
+def test_gpt2_refuses_tensor_parallelism(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="GPT-2 cannot be split for tensor parallelism"):
+        load_model(tmp_path, torch.float32, "cpu", rank=0, world=2)
 
 
 @pytest.mark.parametrize("rope", [
@@ -287,10 +313,31 @@ def test_model_configs_expose_engine_fields():
     llama = LlamaConfig.from_hf({**HF_CONFIGS["llama-gqa"]().to_dict(), "eos_token_id": [2, 7]})
     assert (llama.num_layers, llama.num_kv_heads, llama.head_dim, llama.eos_token_id) == (2, 2, 16, [2, 7])
     assert llama.max_position_embeddings == 64 and llama.vocab_size == VOCAB_SIZE
-    mistral = LlamaConfig.from_hf({**HF_CONFIGS["llama-gqa"]().to_dict(), "sliding_window": 32})
-    assert mistral.max_position_embeddings == 32
+    mistral = LlamaConfig.from_hf(HF_CONFIGS["mistral-sliding"]().to_dict())
+    assert (mistral.max_position_embeddings, mistral.sliding_window) == (64, 6)
+    assert mistral.layer_types == ["sliding_attention"] * 2
+    # Qwen2.5 checkpoints carry a sliding_window they do not use.
+    qwen2 = LlamaConfig.from_hf({**HF_CONFIGS["qwen2-tied-sliding"]().to_dict(), "use_sliding_window": False,
+                                 "layer_types": None})
+    assert (qwen2.sliding_window, qwen2.layer_types, qwen2.qkv_bias, qwen2.o_proj_bias) == (
+        None, ["full_attention"] * 2, True, False)
+    gemma = LlamaConfig.from_hf({**HF_CONFIGS["gemma"]().to_dict(), "hidden_act": "gelu"})
+    assert (gemma.hidden_act, gemma.head_dim, gemma.rms_norm_unit_offset, gemma.scale_embeddings) == (
+        "gelu_pytorch_tanh", 24, True, True)
     gpt2 = GPT2Config.from_hf(HF_CONFIGS["gpt2"]().to_dict())
     assert (gpt2.num_layers, gpt2.num_kv_heads, gpt2.head_dim, gpt2.bos_token_id) == (2, 4, 16, 50256)
+
+
+@pytest.mark.parametrize(("name", "architecture", "edit", "message"), [
+    ("llama-gqa", "LlamaForCausalLM", {"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ("llama-gqa", "LlamaForCausalLM", {"layer_types": ["full_attention", "chunked_attention"]}, "layer_types"),
+    ("gptj", "GPTJForCausalLM", {"activation_function": "relu"}, "activation_function 'relu'"),
+    ("gptj", "GPTJForCausalLM", {"tie_word_embeddings": True}, "tied word embeddings"),
+])
+def test_configs_refuse_what_they_do_not_implement(name, architecture, edit, message):
+    config_class = MODEL_REGISTRY[architecture].config_class
+    with pytest.raises(NotImplementedError, match=message):
+        config_class.from_hf({**HF_CONFIGS[name]().to_dict(), **edit})
 
 
 def test_resolve_model_path(tmp_path):

@@ -35,6 +35,12 @@ class ForwardBatch:
         assert self.key_bias is not None
         return self.key_bias.shape[-1]
 
+    def sliding_key_bias(self, sliding_window: int) -> torch.Tensor:
+        """`key_bias` that also hides, from each row, the keys `sliding_window` or more positions behind its new one."""
+        key_positions = torch.arange(self.num_key_positions, device=self.key_bias.device)
+        too_old = key_positions[None, :] <= self.write_pos[:, None] - sliding_window  # (B, S)
+        return self.key_bias.masked_fill(too_old[:, None, None, :], -torch.inf)
+
     def write_index(self, k_cache: torch.Tensor) -> torch.Tensor:
         """(B * nkv,) offsets of each row's new position in a layer's cache viewed as (-1, hd).
 
@@ -92,14 +98,24 @@ def arena_attention(
     k_cache: torch.Tensor,  # (max_num_seqs, nkv, max_model_len, hd): this layer's arena keys
     v_cache: torch.Tensor,
     batch: ForwardBatch,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Store this step's keys/values in the arena rows, then attend; returns (B, nh, T, hd)."""
+    """Store this step's keys/values in the arena rows, then attend; returns (B, nh, T, hd).
+
+    With `sliding_window` (Mistral's), the query at position p sees only the keys at positions > p - sliding_window.
+    The arena still keeps every key of a row: only the mask changes.
+    """
     gqa = q.shape[1] != k.shape[1]
     if batch.is_prefill and batch.chunks is None:
         num_tokens = k.shape[2]
         k_cache[batch.rows, :, :num_tokens] = k
         v_cache[batch.rows, :, :num_tokens] = v
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if sliding_window is None or num_tokens <= sliding_window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        positions = torch.arange(num_tokens, device=q.device)
+        behind = positions[:, None] - positions[None, :]  # (T, T): how far each key is behind each query
+        visible = (behind >= 0) & (behind < sliding_window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
     if batch.is_prefill:
         rows = range(batch.rows.start, batch.rows.stop) if isinstance(batch.rows, slice) else batch.rows.tolist()
         for b, (row, (start, length)) in enumerate(zip(rows, batch.chunks)):
@@ -107,7 +123,11 @@ def arena_attention(
             v_cache[row, :, start:start + length] = v[b, :, :length]
         num_keys = batch.prefix_mask.shape[-1]
         keys, values = k_cache[batch.rows, :, :num_keys], v_cache[batch.rows, :, :num_keys]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.prefix_mask, enable_gqa=gqa)
+        visible = batch.prefix_mask
+        if sliding_window is not None:
+            key_positions = torch.arange(num_keys, device=q.device)
+            visible = visible & (key_positions > batch.positions[:, :, None] - sliding_window)[:, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
@@ -116,7 +136,9 @@ def arena_attention(
     num_keys = batch.num_key_positions
     keys = k_cache[batch.rows, :, :num_keys]  # (B, nkv, S, hd) views of the arena, no copy
     values = v_cache[batch.rows, :, :num_keys]
-    return decode_attention(q, keys, values, batch.key_bias)
+    # A window that covers every key read changes nothing, so the common case builds no second mask.
+    windowed = sliding_window is not None and num_keys > sliding_window
+    return decode_attention(q, keys, values, batch.sliding_key_bias(sliding_window) if windowed else batch.key_bias)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:

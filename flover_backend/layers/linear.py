@@ -39,17 +39,20 @@ class RowParallelLinear(nn.Linear):
     """This rank's block of a projection's input features; across ranks the partial products are summed.
 
     The bias is whole on every rank (so checkpoints load the same way everywhere) and added by rank 0 only.
-    With one rank it is a plain linear layer.
+    With one rank it is a plain linear layer. `reduce_results=False` leaves the sum to the caller, which can
+    then all-reduce several partial products at once (GPT-J's attention + MLP).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int = 0, world: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int = 0, world: int = 1,
+                 reduce_results: bool = True):
         super().__init__(in_features, out_features, bias=bias)  # `in_features`: this rank's block
         self.rank, self.world = rank, world
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The full projection, on every rank."""
+        """The full projection on every rank (this rank's partial product without `reduce_results`)."""
         y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
-        if self.world > 1:
+        if self.world > 1 and self.reduce_results:
             dist.all_reduce(y)
         return y
 

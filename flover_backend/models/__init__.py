@@ -8,6 +8,7 @@ import torch
 
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models.gpt2 import GPT2
+from flover_backend.models.gptj import GPTJ
 from flover_backend.models.llama import Llama
 
 
@@ -51,10 +52,14 @@ class CausalLM(Protocol):
         ...
 
 
+# HF `architectures` name -> the class that serves it; the README's table of served models says the same.
 MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "LlamaForCausalLM": Llama,
-    "MistralForCausalLM": Llama,
+    "MistralForCausalLM": Llama,  # sliding window supported
+    "Qwen2ForCausalLM": Llama,  # q/k/v biases
+    "GemmaForCausalLM": Llama,  # (1 + weight) norms, scaled embeddings, GeGLU
     "GPT2LMHeadModel": GPT2,
+    "GPTJForCausalLM": GPTJ,
 }
 
-__all__ = ["GPT2", "MODEL_REGISTRY", "CausalLM", "Llama", "ModelConfig"]
+__all__ = ["GPT2", "GPTJ", "MODEL_REGISTRY", "CausalLM", "Llama", "ModelConfig"]

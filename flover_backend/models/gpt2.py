@@ -157,7 +157,8 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config, rank: int = 0, world: int = 1):
         super().__init__()
         if world > 1:
-            raise ValueError("tensor parallelism splits Llama-family models only, not GPT-2")
+            raise ValueError("GPT-2 cannot be split for tensor parallelism (its Conv1D weights have no parallel "
+                             "layout here); serve it with tensor_parallel_size 1")
         self.config = config
         self.transformer = GPT2Transformer(config)
         # Tied (the usual case): no lm_head.weight of our own, the head reads wte directly.

@@ -1,9 +1,10 @@
-"""Llama family (Llama 1-3, Mistral without sliding windows) with HF parameter names, over the KV arena."""
+"""Llama family (Llama 1-3, Mistral, Qwen2/2.5, Gemma) with HF parameter names, over the KV arena."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -19,10 +20,14 @@ from flover_backend.layers.linear import (
     pack_linears,
 )
 
+# Gemma's "gelu" is the tanh approximation too: transformers rewrites it so (huggingface/transformers#29402).
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 
 @dataclass
 class LlamaConfig:
-    """The shape of a Llama checkpoint, read from its HF `config.json`."""
+    """The shape of a Llama-family checkpoint, read from its HF `config.json`; Qwen2 and Gemma are flags on it."""
 
     vocab_size: int
     hidden_size: int
@@ -34,9 +39,15 @@ class LlamaConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    attention_bias: bool = False
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # keys this far behind a query or more are hidden, on sliding layers
+    layer_types: list[str] | None = None  # one of LAYER_TYPES per layer; None, or no window: all see every key
+    rms_norm_unit_offset: bool = False  # Gemma: norms scale by (1 + weight)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
@@ -45,6 +56,13 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise NotImplementedError(f"hidden_act {self.hidden_act!r} (implemented: {sorted(ACTIVATIONS)})")
+        layer_types = self.layer_types or []
+        if not set(layer_types) <= set(LAYER_TYPES) or len(layer_types) not in (0, self.num_layers):
+            raise NotImplementedError(f"layer_types {layer_types} (one of {LAYER_TYPES} per layer is implemented)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
     def per_rank(self, world: int) -> LlamaConfig:
         """One of `world` tensor-parallel ranks' share: 1/world of the heads, KV heads and MLP columns."""
@@ -56,9 +74,11 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """Read an HF Llama/Mistral config dict, refusing features this model does not implement."""
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} (only 'silu' is implemented)")
+        """Read an HF Llama/Mistral/Qwen2/Gemma config dict, refusing features this model does not implement."""
+        model_type = cfg.get("model_type", "llama")
+        hidden_act = cfg.get("hidden_act", "silu")
+        if model_type == "gemma" and hidden_act == "gelu":
+            hidden_act = "gelu_pytorch_tanh"
         # transformers >= 5 writes `rope_parameters`; older checkpoints write `rope_theta` + `rope_scaling`.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -66,42 +86,51 @@ class LlamaConfig:
             raise NotImplementedError(f"rope scaling type {rope_type!r} (only unscaled RoPE is implemented)")
         if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
             raise NotImplementedError("partial_rotary_factor != 1 is not implemented")
-        num_heads = cfg["num_attention_heads"]
-        max_positions = cfg.get("max_position_embeddings", 2048)
-        # A sliding window changes nothing while the context fits inside it, so cap the context there.
-        if cfg.get("sliding_window"):
-            max_positions = min(max_positions, cfg["sliding_window"])
+        num_heads, num_layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        # Mistral slides every layer; Qwen2 only with use_sliding_window, and from layer max_window_layers on.
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        first_sliding = cfg.get("max_window_layers", 0) if window else num_layers
+        layer_types = cfg.get("layer_types") or [LAYER_TYPES[i >= first_sliding] for i in range(num_layers)]
+        attention_bias = cfg.get("attention_bias", False)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            max_position_embeddings=max_positions,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            attention_bias=cfg.get("attention_bias", False),
+            hidden_act=hidden_act,
+            qkv_bias=attention_bias or model_type == "qwen2",  # Qwen2: q/k/v biases, none on o_proj
+            o_proj_bias=attention_bias,
             mlp_bias=cfg.get("mlp_bias", False),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            sliding_window=window,
+            layer_types=layer_types,
+            rms_norm_unit_offset=model_type == "gemma",
+            scale_embeddings=model_type == "gemma",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
         )
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like HF so bf16 runs match it."""
+    """Root-mean-square norm, computed in float32 like HF so bf16 runs match it; Gemma's scales by (1 + weight)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension and scale it."""
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma scales before rounding to the model's dtype, Llama after
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -127,14 +156,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE; the arena holds the keys and values. q, k and v are one matmul."""
 
-    def __init__(self, config: LlamaConfig, rank: int, world: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int, rank: int, world: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads  # this rank's
         self.head_dim = config.head_dim
-        bias = config.attention_bias
+        sliding = config.layer_types and config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [q_width, kv_width, kv_width], bias)
-        self.o_proj = RowParallelLinear(q_width, config.hidden_size, bias, rank, world)
+        self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [q_width, kv_width, kv_width], config.qkv_bias)
+        self.o_proj = RowParallelLinear(q_width, config.hidden_size, config.o_proj_bias, rank, world)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -146,33 +176,34 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = arena_attention(q, k, v, k_cache, v_cache, batch)  # (B, nh, T, hd)
+        y = arena_attention(q, k, v, k_cache, v_cache, batch, self.sliding_window)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward; gate and up are one matmul."""
+    """Gated feed-forward (SwiGLU; Gemma's GeGLU); gate and up are one matmul."""
 
     def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
         bias = config.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, rank, world)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate(x)) * up(x))."""
+        """down(act(gate(x)) * up(x))."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, config: LlamaConfig, rank: int, world: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int, rank: int, world: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rank, world)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.rms_norm_unit_offset)
+        self.self_attn = LlamaAttention(config, layer_idx, rank, world)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.rms_norm_unit_offset)
         self.mlp = LlamaMLP(config, rank, world)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
@@ -191,8 +222,8 @@ class LlamaModel(nn.Module):
         # the meta device imports torch._dynamo (seconds at startup).
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rank, world) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rank, world) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.rms_norm_unit_offset)
 
 
 class Llama(nn.Module):
@@ -221,6 +252,9 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # A buffer, so it is rounded to the served dtype as HF rounds it (sqrt(3072) is 55.5 in bf16).
+        scale = torch.tensor(config.hidden_size**0.5, device="cpu") if config.scale_embeddings else None
+        self.register_buffer("embed_scale", scale, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden) final-normed states; writes this step's keys into `kv`."""
@@ -228,6 +262,8 @@ class Llama(nn.Module):
         cos = self.rope_cos[batch.positions].unsqueeze(1)
         sin = self.rope_sin[batch.positions].unsqueeze(1)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, batch, kv[i, 0], kv[i, 1])
         return self.model.norm(x)

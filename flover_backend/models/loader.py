@@ -52,7 +52,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device,
     hf_config = json.loads((path / "config.json").read_text())
     architecture = (hf_config.get("architectures") or ["<missing>"])[0]
     if architecture not in MODEL_REGISTRY:
-        raise NotImplementedError(f"architecture {architecture!r} ({path}); we have {sorted(MODEL_REGISTRY)}")
+        raise NotImplementedError(f"architecture {architecture!r} of {path} is not supported; supported "
+                                  f"architectures: {', '.join(sorted(MODEL_REGISTRY))}")
     model_class = MODEL_REGISTRY[architecture]
     config = model_class.config_class.from_hf(hf_config)
     # Meta parameters cost nothing; each is replaced by the tensor read for it, or for a stacked one, by
