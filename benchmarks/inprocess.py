@@ -49,8 +49,9 @@ def measure(engine: Engine, trace: list[TraceRequest]) -> dict:
 
 
 def decode_step_seconds(engine: Engine, batch_size: int, steps: int = 12) -> tuple[float, float]:
-    """Medians of a whole fused iteration (forward, LM head, sampling, emit) with `batch_size` requests
-    decoding, and of its decode forward alone; the difference is the iteration's work around the forward."""
+    """Medians of a whole fused iteration with `batch_size` requests decoding (schedule, forward, LM head,
+    sampling, detokenizing; the output callbacks come after the clock stops), and of its decode forward
+    alone; the difference is the iteration's work around the forward."""
     before = engine.stats.num_iterations
     trace = make_trace(batch_size, interval_s=0.0, gen_len=(steps + 2, steps + 2), seed=batch_size)
     replay(engine, trace)

