@@ -56,11 +56,12 @@ class Bench:
         self.server = server
         self.show_progress = show_progress
 
-    def run(self, model: str, trace, label: str) -> tuple[list[RequestTiming], dict]:
-        """Replay `trace` against `model`; return the timings and the summary with the model's iterations."""
+    def run(self, model: str, trace, label: str, sampled: bool = False) -> tuple[list[RequestTiming], dict]:
+        """Replay `trace` against `model` (greedy, or sampled as most traffic is); return the timings and the
+        summary with the model's iterations."""
         before = self.metric("flover_iterations_total", model)
         moved_before = self.metric("flover_compaction_bytes_total", model)
-        timings = replay(trace, triton_sender(self.server.grpc_url, model), label=label,
+        timings = replay(trace, triton_sender(self.server.grpc_url, model, sampled), label=label,
                          show_progress=self.show_progress)
         time.sleep(0.1)  # metrics are published every few tens of milliseconds
         summary = summarize(timings) | {

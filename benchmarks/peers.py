@@ -14,25 +14,32 @@ from clients.workload import make_trace, summarize
 from flover_backend.models.builtin import export_builtin
 
 PEER_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "total_s")
+MODES = ("greedy", "sampled")
 
 
-def against_vllm(bench, num_requests: int = 32, gen_len: int = 128, repeats: int = 2) -> dict:
-    """The same trace through flover (Triton) and vLLM serving the built-in small checkpoint, alternating."""
+def against_vllm(bench, num_requests: int = 32, gen_len: int = 128, repeats: int = 3) -> dict:
+    """The same trace through flover (Triton) and vLLM serving the built-in small checkpoint, alternating,
+    greedy and sampled (temperature 0.8, top_p 0.9, a seed per request)."""
     checkpoint = export_builtin("small", CACHE_DIR / "builtin-small-hf")
     trace = make_trace(num_requests, interval_s=0.0, gen_len=(gen_len, gen_len), seed=11)
-    runs: dict[str, list[dict]] = {"flover": [], "vllm": []}
+    runs: dict[str, list[dict]] = {f"{server} {mode}": [] for mode in MODES for server in ("flover", "vllm")}
     with VllmServer(checkpoint, "builtin-small", max_model_len=512, max_num_seqs=32) as vllm:
-        send_vllm = openai_sender(vllm.base_url, "builtin-small")
-        replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), send_vllm, show_progress=False)  # warm-up
+        replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), openai_sender(vllm.base_url, "builtin-small"),
+               show_progress=False)  # warm-up
         for attempt in range(repeats):
-            runs["flover"].append(_pick(bench.run("flover", trace, f"exp6 flover run {attempt + 1}")[1]))
-            summary = summarize(replay(trace, send_vllm, label=f"exp6 vllm run {attempt + 1}"))
-            print(f"  exp6 vllm run {attempt + 1:<18} total {summary['total_s']:7.2f}s  "
-                  f"{summary['tokens_per_s']:7.1f} tok/s  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.0f} ms", flush=True)
-            runs["vllm"].append(_pick(summary))
+            for mode in MODES:
+                sampled = mode == "sampled"
+                label = f"exp6 {mode} run {attempt + 1}"
+                runs[f"flover {mode}"].append(_pick(bench.run("flover", trace, f"{label} flover", sampled)[1]))
+                summary = summarize(replay(trace, openai_sender(vllm.base_url, "builtin-small", sampled),
+                                           label=f"{label} vllm"))
+                print(f"  {label + ' vllm':<28} total {summary['total_s']:7.2f}s  "
+                      f"{summary['tokens_per_s']:7.1f} tok/s  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.0f} ms", flush=True)
+                runs[f"vllm {mode}"].append(_pick(summary))
     best = {name: max(r["tokens_per_s"] for r in side) for name, side in runs.items()}
     return {"num_requests": num_requests, "gen_len": gen_len, "runs": runs,
-            "flover_over_vllm": best["flover"] / best["vllm"]}
+            "flover_over_vllm": {mode: best[f"flover {mode}"] / best[f"vllm {mode}"] for mode in MODES},
+            "flover_sampled_over_greedy": best["flover sampled"] / best["flover greedy"]}
 
 
 def _pick(summary: dict) -> dict:

@@ -74,7 +74,9 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
                         [[name, i + 1, f"{r['tokens_per_s']:.1f}", f"{r['ttft_p50_s'] * 1e3:.0f}",
                           f"{r['ttft_p99_s'] * 1e3:.0f}", f"{r['tpot_p50_s'] * 1e3:.1f}"]
                          for name, side in peer["runs"].items() for i, r in enumerate(side)])
-        lines += [f"Best run over best run: flover / vLLM = {peer['flover_over_vllm']:.2f}.", ""]
+        ratios = peer["flover_over_vllm"]
+        lines += [(f"Best run over best run: flover / vLLM = {ratios['greedy']:.2f} greedy, {ratios['sampled']:.2f} "
+                   f"sampled; flover sampled / greedy = {peer['flover_sampled_over_greedy']:.2f}."), ""]
     lines += ["## perf_analyzer (streaming over gRPC, requests/s)", "",
               ", ".join(f"{m}: {v:.2f}" for m, v in results["perf_analyzer_requests_per_s"].items())
               + " (full reports: `perf_<model>.txt`).", ""]

@@ -22,11 +22,19 @@ from clients.workload import RequestTiming, TraceRequest, make_trace, summarize
 Sender = Callable[[TraceRequest, RequestTiming], None]
 
 
-def triton_sender(url: str, model: str) -> Sender:
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}  # what most real traffic asks for; each request seeded by its index
+
+
+def sampling_fields(item: TraceRequest, sampled: bool) -> dict:
+    """Greedy (empty), or SAMPLED with a seed of the request's own, so runs and servers draw alike."""
+    return {**SAMPLED, "seed": item.index + 1} if sampled else {}
+
+
+def triton_sender(url: str, model: str, sampled: bool = False) -> Sender:
     """Send a trace request to a flover model over gRPC streaming, stamping each token as it arrives."""
     def send(item: TraceRequest, timing: RequestTiming) -> None:
         chunks = stream_grpc(url, model, input_ids=list(item.prompt_token_ids), max_tokens=item.max_tokens,
-                             ignore_eos=True)
+                             ignore_eos=True, **sampling_fields(item, sampled))
         for chunk in chunks:
             now = time.monotonic()
             timing.token_times.extend([now] * len(chunk.token_ids))
@@ -34,14 +42,14 @@ def triton_sender(url: str, model: str) -> Sender:
     return send
 
 
-def openai_sender(base_url: str, model: str) -> Sender:
+def openai_sender(base_url: str, model: str, sampled: bool = False) -> Sender:
     """Send a trace request to an OpenAI-compatible server (`/v1/completions`, streamed, token-id prompt)."""
     def send(item: TraceRequest, timing: RequestTiming) -> None:
         # return_token_ids (a vLLM extension; others ignore it) counts tokens exactly even when the server
         # merges several into one event or holds back text that ends mid-character.
         body = {"model": model, "prompt": list(item.prompt_token_ids), "max_tokens": item.max_tokens,
                 "min_tokens": item.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
-                "return_token_ids": True}
+                "return_token_ids": True, **sampling_fields(item, sampled)}
         request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
