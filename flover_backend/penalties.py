@@ -32,8 +32,10 @@ class TokenCounts:
             slot = self._slots.get(request.req_id)
             if slot is None:
                 slot = self._slots[request.req_id] = [self._take_row(), 0]
-                seen_slots += [slot[0]] * request.num_prompt_tokens
-                seen_ids += request.prompt_token_ids
+                # A tokenizer may know ids past the model's vocabulary: those have no logit to penalize.
+                prompt_ids = [t for t in request.prompt_token_ids if t < self.vocab_size]
+                seen_slots += [slot[0]] * len(prompt_ids)
+                seen_ids += prompt_ids
             new = request.output_token_ids[slot[1]:]
             slot_ids += [slot[0]] * len(new)
             token_ids += new

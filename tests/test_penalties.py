@@ -186,3 +186,32 @@ def test_min_tokens_holds_back_a_stop_id_and_a_stop_string():
     stop = text[4:6]
     (late,) = run(engine, [("abc", replace(greedy, stop=[stop], min_tokens=20))])
     assert tokens(late)[:20] == ids[:20] and len("".join(o.new_text for o in late)) > text.find(stop)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_penalties_min_tokens_and_logprobs_alike_on_the_gpu():
+    """Counts, masks and logprobs live where the logits are: the same tokens and logprobs as on the CPU."""
+    settings = [{"repetition_penalty": 1.5, "logprobs": 3}, {"temperature": 0.9, "seed": 1, "frequency_penalty": 1.0},
+                {"temperature": 1.0, "top_k": 20, "seed": 2, "presence_penalty": 1.5, "min_tokens": 3,
+                 "stop_token_ids": [7], "logprobs": 0}, {}]
+    steps = [torch.randn(4, 1000, generator=torch.Generator().manual_seed(step)) * 3 for step in range(6)]
+    results = []
+    for device in ("cpu", "cuda"):
+        sampler = Sampler(eos_token_ids=frozenset({5}))
+        requests = [request([1, 2, 3], [], f"r{i}", **s) for i, s in enumerate(settings)]
+        tokens, logprobs = [], []
+        for logits in steps:
+            out = sampler(logits.to(device), requests)
+            tokens.append(out.token_ids)
+            logprobs.append({row: (e.logprob, e.top_token_ids) for row, e in out.logprobs.items()})
+            for req, token_id in zip(requests, out.token_ids):
+                req.output_token_ids.append(token_id)
+        results.append((tokens, logprobs))
+    (cpu_tokens, cpu_logprobs), (gpu_tokens, gpu_logprobs) = results
+    assert gpu_tokens == cpu_tokens
+    for cpu_step, gpu_step in zip(cpu_logprobs, gpu_logprobs):
+        assert gpu_step.keys() == cpu_step.keys()
+        for row in cpu_step:
+            assert gpu_step[row][1] == cpu_step[row][1]
+            assert gpu_step[row][0] == pytest.approx(cpu_step[row][0], abs=1e-4)
