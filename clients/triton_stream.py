@@ -17,7 +17,9 @@ from tritonclient.utils import np_to_triton_dtype
 # Input name -> NumPy dtype the model's config.pbtxt declares for it.
 INPUT_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
                 "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_, "exclude_input_in_output": np.bool_,
-                "stop_token_ids": np.int32, "input_ids": np.int32}
+                "stop_token_ids": np.int32, "input_ids": np.int32, "min_tokens": np.int32,
+                "repetition_penalty": np.float32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
+                "return_logprobs": np.bool_, "return_cumulative_logprob": np.bool_}
 LIST_INPUTS = {"stop", "stop_token_ids", "input_ids"}
 
 
@@ -33,6 +35,8 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     num_output_tokens: int | None = None
+    logprobs: list[dict] | None = None  # per token {token id: {logprob, rank, decoded_token}}, if asked for
+    cumulative_logprob: float | None = None  # if asked for
 
 
 def grpc_inputs(fields: dict) -> list[grpcclient.InferInput]:
@@ -56,9 +60,13 @@ def _chunk(result) -> Chunk | None:
         return None
     reason = result.as_numpy("finish_reason")
     count = result.as_numpy("num_output_tokens")
+    logprobs = result.as_numpy("logprobs")
+    cumulative = result.as_numpy("cumulative_logprob")
     return Chunk(text=b"".join(text).decode("utf-8"), token_ids=result.as_numpy("output_ids").tolist(),
                  finish_reason=reason[0].decode() if reason is not None else None,
-                 num_output_tokens=int(count[0]) if count is not None else None)
+                 num_output_tokens=int(count[0]) if count is not None else None,
+                 logprobs=json.loads(logprobs[0]) if logprobs is not None else None,
+                 cumulative_logprob=float(cumulative[0]) if cumulative is not None else None)
 
 
 class GrpcStream:
@@ -141,7 +149,9 @@ def _http_chunk(event: dict) -> Chunk:
     ids = event.get("output_ids", [])
     return Chunk(text="".join(text) if isinstance(text, list) else text,
                  token_ids=ids if isinstance(ids, list) else [ids],
-                 finish_reason=_scalar(event.get("finish_reason")), num_output_tokens=_scalar(event.get("num_output_tokens")))
+                 finish_reason=_scalar(event.get("finish_reason")), num_output_tokens=_scalar(event.get("num_output_tokens")),
+                 logprobs=json.loads(_scalar(event["logprobs"])) if "logprobs" in event else None,
+                 cumulative_logprob=_scalar(event.get("cumulative_logprob")))
 
 
 def _scalar(value):

@@ -24,8 +24,9 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._holdback = max((len(s) for s in stop), default=1) - 1
 
-    def step(self, token_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """Text newly safe to emit after `token_ids` grew, and whether a stop string ended it."""
+    def step(self, token_ids: list[int], finished: bool, find_stops: bool = True) -> tuple[str, bool]:
+        """Text newly safe to emit after `token_ids` grew, and whether a stop string ended it (looked for only
+        if `find_stops`; text is held back all the same)."""
         prefix = self.tokenizer.decode(token_ids[self._prefix_offset:self._read_offset])
         full = self.tokenizer.decode(token_ids[self._prefix_offset:])
         if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
@@ -34,7 +35,8 @@ class IncrementalDetokenizer:
         elif finished and full.endswith(_REPLACEMENT):
             self.text += full[len(prefix):]  # the stream ends mid-character: show what there is
         # Only new text can complete a stop string: search from just before it; the earliest one wins.
-        hits = [at for stop in self.stop if (at := self.text.find(stop, max(0, self.emitted - len(stop) + 1))) != -1]
+        hits = [at for stop in self.stop if find_stops
+                and (at := self.text.find(stop, max(0, self.emitted - len(stop) + 1))) != -1]
         if hits:
             self.text = self.text[:min(hits)]
             return self._take(len(self.text)), True

@@ -15,7 +15,9 @@ import torch
 from flover_backend.config import EngineConfig
 from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
+from flover_backend.logprobs import TokenLogprobs
 from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
+from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_tokenizer, resolve_model_path
 from flover_backend.output_processor import OutputProcessor
 from flover_backend.request import Request, RequestStatus
@@ -37,9 +39,13 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, if the request asked for logprobs
+    cumulative_logprob: float | None = None  # of every token so far, if the request asked for logprobs
 
 
 OutputCallback = Callable[[RequestOutput], None]
+# What one iteration hands a request's callback: its new token ids, text and (if it asked) their logprobs.
+Emitted = tuple[Request, list[int], str, list[TokenLogprobs]]
 
 
 def _until_finished(outputs: queue.SimpleQueue) -> Iterator[RequestOutput]:
@@ -66,9 +72,8 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model_config.max_position_embeddings}")
         self.vocab_size = model_config.vocab_size
-        eos = model_config.eos_token_id
         self.scheduler = Scheduler(config)
-        self.outputs = OutputProcessor(self.tokenizer, frozenset(eos if isinstance(eos, list) else [eos]) - {None})
+        self.outputs = OutputProcessor(self.tokenizer, eos_token_ids(model_config))
         arena, world = self.runner.arena, config.tensor_parallel_size
         self._kv_bytes_per_position = arena.bytes_per_position * world  # each rank holds 1/world of the heads
         self.stats = EngineStats(num_rows=config.max_num_seqs, kv_bytes_allocated=arena.nbytes * world)
@@ -197,7 +202,7 @@ class Engine:
         for request in ended:
             request.error = error
             self.scheduler.finish(request, status)
-        self._emit([(request, [], "") for request in ended])
+        self._emit([(request, [], "", []) for request in ended])
 
     def _execute(self, out: SchedulerOutput) -> StepResult:
         """The runner's result; a failed forward fails every request in it, never the loop."""
@@ -210,10 +215,9 @@ class Engine:
             error = f"{type(exc).__name__}: {exc}"
             return StepResult([], dict.fromkeys(range(len(out.scheduled)), error), 0, StepTimings())
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult | None,
-                     started: float) -> list[tuple[Request, list[int], str]]:
+    def _postprocess(self, out: SchedulerOutput, result: StepResult | None, started: float) -> list[Emitted]:
         """Append each request's token, end the finished ones, count the iteration; what to emit."""
-        emitted = [(request, [], "") for request in out.aborted]
+        emitted: list[Emitted] = [(request, [], "", []) for request in out.aborted]
         with self._lock:
             self._num_queued -= len(out.admitted) + sum(request.row < 0 for request in out.aborted)
         if result is not None:
@@ -222,13 +226,16 @@ class Engine:
                 if i in result.row_errors:
                     request.error = result.row_errors[i]
                     self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-                    emitted.append((request, [], ""))
+                    emitted.append((request, [], "", []))
                     continue
                 text, status = self.outputs.append_token(request, result.token_ids[i])
                 request.record_token_time(now)
                 if status is not None:
                     self.scheduler.finish(request, status)
-                emitted.append((request, [result.token_ids[i]], text))
+                logprobs = result.logprobs.get(i)
+                if logprobs is not None:
+                    request.cumulative_logprob += logprobs.logprob
+                emitted.append((request, [result.token_ids[i]], text, [logprobs] if logprobs else []))
             self.stats.record(IterationRecord(
                 seconds=time.perf_counter() - started, decode_seconds=result.timings.decode,
                 num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.scheduled) - len(out.decode),
@@ -258,17 +265,19 @@ class Engine:
             else:
                 self.scheduler.abort(payload)
 
-    def _emit(self, emitted: list[tuple[Request, list[int], str]]) -> None:
+    def _emit(self, emitted: list[Emitted]) -> None:
         """Count the finished requests, then hand each output to its callback; a finished request is forgotten."""
         # Before any callback, so whoever hears of a finished request finds it counted and gone from the gauges.
-        for request, _, _ in emitted:
+        for request, *_ in emitted:
             if request.status.finished:
                 self._record_finished(request)
         self._publish_counts()
-        for request, new_token_ids, new_text in emitted:
+        for request, new_token_ids, new_text, logprobs in emitted:
             finished = request.status.finished
             output = RequestOutput(request.req_id, new_token_ids, new_text, finished, request.status.finish_reason,
                                    request.num_prompt_tokens, request.num_output_tokens, request.error)
+            if request.params.logprobs is not None:
+                output.logprobs, output.cumulative_logprob = logprobs, request.cumulative_logprob
             callback = self._callbacks[request.req_id]
             if finished:
                 del self._callbacks[request.req_id]

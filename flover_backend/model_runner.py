@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,8 @@ from flover_backend.config import EngineConfig
 from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
+from flover_backend.logprobs import TokenLogprobs
+from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
@@ -36,6 +38,7 @@ class StepResult:
     row_errors: dict[int, str]  # index into the scheduled requests -> why that request's token failed
     moved_bytes: int
     timings: StepTimings
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # index -> its token's, if it asked
 
 
 @dataclass
@@ -85,7 +88,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, eos_token_ids(model_config))
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
         # token is never fed back, so positions stop at max_model_len - 2.
         self.scratch_position = config.max_model_len - 1
@@ -119,7 +122,7 @@ class ModelRunner:
             return StepResult([], {}, moved_bytes, timings)
         with torch.inference_mode():
             sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
-        return StepResult(sampled.token_ids, sampled.errors, moved_bytes, timings)
+        return StepResult(sampled.token_ids, sampled.errors, moved_bytes, timings, sampled.logprobs)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, int, StepTimings]:

@@ -28,10 +28,14 @@ class OutputProcessor:
         """Record `token_id` for `request`: the text now safe to send, and the finished status if it ends."""
         request.output_token_ids.append(token_id)
         params = request.params
+        # Short of min_tokens nothing ends it (min_tokens <= max_tokens): the sampler masks its stop tokens and
+        # eos until then, and stop strings are looked for from the min_tokens-th token on, as vLLM does.
+        may_stop = request.num_output_tokens >= params.min_tokens
         status = None
-        if params.is_stop_token(token_id) or (token_id in self.eos_token_ids and not params.ignore_eos):
+        if may_stop and (params.is_stop_token(token_id) or (token_id in self.eos_token_ids and not params.ignore_eos)):
             status = RequestStatus.FINISHED_STOP
         elif request.num_output_tokens >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
-        text, hit_stop_string = self._detokenizers[request.req_id].step(request.output_token_ids, status is not None)
+        text, hit_stop_string = self._detokenizers[request.req_id].step(request.output_token_ids, status is not None,
+                                                                        find_stops=may_stop)
         return text, RequestStatus.FINISHED_STOP if hit_stop_string else status

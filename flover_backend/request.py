@@ -52,6 +52,7 @@ class Request:
     row: int = -1  # arena row while running
     num_computed_tokens: int = 0  # prompt positions scheduled into the row so far (chunked prefill)
     error: str | None = None
+    cumulative_logprob: float = 0.0  # of the tokens generated so far, summed if the request asks for logprobs
     admitted_time: float | None = None  # given a row
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -28,8 +28,8 @@ def num_blocks(vocab_size: int) -> int:
 class SamplingBatch:
     """What one sampling pass needs per sampled row, row i of each tensor being sampled row i.
 
-    Penalties (repetition, presence, frequency) join as further per-row vectors applied to the logits
-    before the floors; logprobs come from the same scaled logits the race reads.
+    Penalties and min_tokens have already changed the logits of the rows that have them (the Sampler hands
+    the pass their adjusted copies); logprobs are read off the raw logits, not off this pass.
     """
 
     temperature: torch.Tensor  # (n,) float32

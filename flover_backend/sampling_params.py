@@ -12,6 +12,8 @@ from flover_backend.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # longer ones would hold back that much streamed text, waiting to rule them out
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs
+MAX_REPETITION_PENALTY = 2.0  # vLLM's bound
 # Below this, temperature scaling could overflow float32 (logits / 1e-38 is inf) long before it could change
 # which token wins, so such requests take the most likely token, exactly as temperature 0 does.
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -25,6 +27,13 @@ class SamplingParams:
     top_k keeps the k most likely tokens (0 keeps all), then top_p keeps the fewest most likely of those whose
     probability reaches top_p (1 keeps all); tokens tied with the last one kept by either stay too. A seed
     makes the tokens depend on the seed and the logits alone, never on what else shares the batch.
+
+    Penalties change the logits a row draws from (greedy rows too): repetition_penalty divides the positive
+    logits of the tokens seen in the prompt or the output and multiplies the negative ones (HF / vLLM);
+    frequency_penalty subtracts per time a token was generated, presence_penalty once if it was (OpenAI).
+    min_tokens masks eos and the stop token ids, and keeps stop strings from ending the request, until that
+    many tokens were generated. logprobs asks for the chosen token's logprob and its `logprobs` most likely
+    alternatives, from the model's raw distribution (before penalties and temperature, as vLLM's default).
     """
 
     max_tokens: int = 16
@@ -35,6 +44,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0  # 1 disables it
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the N most likely ones'
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +73,15 @@ class SamplingParams:
                "stop_token_ids", "must be non-negative integers")
         self._stop_token_set = frozenset(self.stop_token_ids)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}")
+        _check(_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               "repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value!r}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
 
     def is_stop_token(self, token_id: int) -> bool:
         """Whether `token_id` is one of the request's stop tokens (a set look-up, however many there are)."""
@@ -68,6 +91,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether the request takes the most likely token every step."""
         return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty changes the logits this request draws from."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:

@@ -18,3 +18,22 @@ def tiny_checkpoint(builtin_home):
     from flover_backend.models.builtin import builtin_checkpoint  # here: tests that never use it skip torch
 
     return builtin_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def sequence_logits():
+    """`sequence_logits(engine, token_ids)`: the engine's model's raw logits after each prefix of `token_ids`,
+    computed in one prefill outside the engine: (len, vocab)."""
+    import torch
+
+    from flover_backend.layers.attention import ForwardBatch
+
+    def logits(engine, token_ids: list[int]) -> torch.Tensor:
+        model = engine.runner.model
+        c = model.config
+        kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, len(token_ids), c.head_dim)
+        batch = ForwardBatch.prefill(slice(0, 1), [len(token_ids)], torch.device("cpu"))
+        with torch.no_grad():
+            return model.compute_logits(model.forward(torch.tensor([token_ids]), batch, kv)[0])
+
+    return logits

@@ -180,6 +180,79 @@ def test_seeded_sampling_repeats(client):
     assert first == second
 
 
+def engine_logprobs(engine, params: SamplingParams, prompt=None, prompt_token_ids=None) -> list:
+    """The in-process engine's logprobs entries for one request, one per token."""
+    outputs = list(engine.generate(prompt, params, prompt_token_ids=prompt_token_ids))
+    return [entry for output in outputs for entry in output.logprobs]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_equal_the_engines(client, engine, stream):
+    entries = engine_logprobs(engine, SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3), PROMPT)
+    decode = {t: engine.tokenizer.decode([t], skip_special_tokens=False)
+              for entry in entries for t in [entry.token_id, *entry.top_token_ids]}
+    args = {"model": "flover", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "logprobs": 3,
+            "extra_body": {"ignore_eos": True}}
+    if stream:
+        parts = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices]
+        got = {key: [v for part in parts if part for v in getattr(part, key)]
+               for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        got = client.completions.create(**args).choices[0].logprobs.model_dump()
+    tokens = [decode[entry.token_id] for entry in entries]
+    assert got["tokens"] == tokens
+    assert got["token_logprobs"] == pytest.approx([entry.logprob for entry in entries], abs=1e-5)
+    assert got["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    for top, entry in zip(got["top_logprobs"], entries):  # the chosen token and the 3 most likely, by text
+        expected = {}
+        for token_id, logprob in [(entry.token_id, entry.logprob), *zip(entry.top_token_ids, entry.top_logprobs)]:
+            expected.setdefault(decode[token_id], logprob)
+        assert top == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_equal_the_engines(client, engine, chat_ids, stream):
+    entries = engine_logprobs(engine, SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2),
+                              prompt_token_ids=chat_ids)
+    args = {"model": "flover", "messages": MESSAGES, "max_tokens": 10, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
+    if stream:
+        content = [item for chunk in client.chat.completions.create(**args, stream=True) if chunk.choices
+                   and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    else:
+        content = client.chat.completions.create(**args).choices[0].logprobs.content
+    assert len(content) == len(entries) == 10
+    for item, entry in zip(content, entries):
+        token = engine.tokenizer.decode([entry.token_id], skip_special_tokens=False)
+        assert (item.token, item.bytes) == (token, list(token.encode()))
+        assert item.logprob == pytest.approx(entry.logprob, abs=1e-5)
+        assert [top.token for top in item.top_logprobs] == [
+            engine.tokenizer.decode([t], skip_special_tokens=False) for t in entry.top_token_ids]
+        assert [top.logprob for top in item.top_logprobs] == pytest.approx(entry.top_logprobs, abs=1e-5)
+    plain = client.chat.completions.create(**{**args, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_penalties_and_min_tokens_steer_as_in_the_engine(client, engine):
+    """After "a" the tiny model's greedy text repeats itself within 6 tokens: the penalties steer away."""
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.7, "repetition_penalty": 1.8}
+    steered = greedy_text(engine, "a", SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
+    args = {"model": "flover", "prompt": "a", "max_tokens": 12, "temperature": 0}
+    completion = client.completions.create(**args, presence_penalty=0.5, frequency_penalty=0.7,
+                                           extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+    plain = greedy(engine, "a", max_tokens=12)[0]
+    assert completion.choices[0].text == steered != plain
+    at = next(i for i in range(len(plain) - 2) if "\ufffd" not in plain[i:i + 2] and plain.find(plain[i:i + 2]) == i)
+    stopped = client.completions.create(**args, stop=[plain[at:at + 2]])
+    held = client.completions.create(**args, stop=[plain[at:at + 2]], extra_body={"min_tokens": 10})
+    assert stopped.choices[0].text == plain[:at] and stopped.usage.completion_tokens < 10
+    assert held.usage.completion_tokens >= 10 and held.choices[0].text.startswith(plain[:at + 2])
+
+
+def greedy_text(engine, prompt: str, params: SamplingParams) -> str:
+    return "".join(o.new_text for o in engine.generate(prompt, params))
+
+
 def post(front, path: str, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{front.url}{path}", content=content, headers={"Content-Type": "application/json"},
@@ -197,8 +270,14 @@ CHAT = {"model": "flover", "messages": [{"role": "user", "content": "x"}], "max_
     ("/v1/chat/completions", CHAT | {"model": "nope"}, 404, "model", "does not exist"),
     ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "only n=1"),
     ("/v1/chat/completions", CHAT | {"n": 2}, 400, "n", "only n=1"),
-    ("/v1/completions", COMPLETION | {"logprobs": 1}, 400, "logprobs", "not supported yet"),
-    ("/v1/chat/completions", CHAT | {"logprobs": True, "top_logprobs": 2}, 400, "logprobs", "not supported yet"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
+    ("/v1/completions", COMPLETION | {"logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", COMPLETION | {"logprobs": 2, "echo": True}, 400, "echo", "no prompt logprobs"),
+    ("/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
+    ("/v1/completions", COMPLETION | {"presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ("/v1/chat/completions", CHAT | {"frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
+    ("/v1/completions", COMPLETION | {"repetition_penalty": 0}, 400, "repetition_penalty", "greater than 0"),
+    ("/v1/completions", COMPLETION | {"min_tokens": 9}, 400, "min_tokens", "max_tokens = 4"),
     ("/v1/completions", COMPLETION | {"frobnicate": 1}, 400, "frobnicate", "unrecognized"),
     ("/v1/completions", COMPLETION | {"prompt": "word " * 1200}, 400, "prompt", "max_model_len"),
     ("/v1/completions", COMPLETION | {"max_tokens": 5000}, 400, "max_tokens", "max_model_len"),

@@ -1,6 +1,7 @@
 """Triton inputs to engine requests: good inputs map across, bad ones name their field."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ from hypothesis import strategies as st
 
 from flover_backend.errors import InvalidRequestError
 from flover_backend.repository import derive_repository, set_parameter
+from flover_backend.triton_env import PROJECT_ROOT
 from flover_backend.triton_model import parsing
-from flover_backend.triton_model.schema import INPUTS
+from flover_backend.triton_model.schema import INPUTS, OUTPUTS
 
 LIMITS = parsing.RequestLimits(max_prompt_bytes=1000, max_prompt_tokens=100)
 
@@ -47,6 +49,43 @@ def test_sampling_parameters_json_with_string_numbers_and_explicit_override():
     assert parsed.params.max_tokens == 4 and parsed.params.temperature == 0.7 and parsed.params.ignore_eos
 
 
+def test_penalties_min_tokens_and_logprob_flags():
+    parsed = parse_request({"text_input": text("hi"), "min_tokens": np.array([3], np.int32),
+                            "repetition_penalty": np.array([1.5], np.float32),
+                            "presence_penalty": np.array([-0.5], np.float32),
+                            "frequency_penalty": np.array([0.25], np.float32)})
+    p = parsed.params
+    assert (p.min_tokens, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (3, 1.5, -0.5, 0.25)
+    assert p.logprobs is None and not parsed.return_logprobs and not parsed.return_cumulative_logprob
+    # vLLM backend clients: N in sampling_parameters (numbers as strings too), the outputs asked for by flags.
+    parsed = parse_request({"text_input": text("hi"), "return_logprobs": np.array([True]),
+                            "sampling_parameters": text('{"logprobs": "5", "min_tokens": "2"}')})
+    assert parsed.params.logprobs == 5 and parsed.params.min_tokens == 2 and parsed.return_logprobs
+    parsed = parse_request({"text_input": text("hi"), "return_cumulative_logprob": np.array([True])})
+    assert parsed.params.logprobs == 0 and parsed.return_cumulative_logprob and not parsed.return_logprobs
+    parsed = parse_request({"text_input": text("hi"), "sampling_parameters": text('{"logprobs": 2}')})
+    assert parsed.params.logprobs == 2 and parsed.return_logprobs
+
+
+def read_config_io(path) -> dict[str, set[tuple]]:
+    """The inputs and outputs a config.pbtxt declares, as (name, data_type, dims, optional) rows."""
+    config = path.read_text()
+    found = {}
+    for section in ("input", "output"):
+        body = re.search(rf"^{section} \[(.*?)^\]", config, re.MULTILINE | re.DOTALL).group(1)
+        found[section] = {(name, data_type, tuple(int(d) for d in dims.split()), bool(optional))
+                          for name, data_type, dims, optional in re.findall(
+                              r'name: "(\w+)" data_type: (\w+) dims: \[ ([-\d ]+?) \]( optional: true)?', body)}
+    return found
+
+
+@pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances"])
+def test_every_config_declares_exactly_the_schema(model):
+    declared = read_config_io(PROJECT_ROOT / "model_repository" / model / "config.pbtxt")
+    assert declared["input"] == {(spec.name, spec.data_type, spec.dims, True) for spec in INPUTS}
+    assert declared["output"] == {(spec.name, spec.data_type, spec.dims, False) for spec in OUTPUTS}
+
+
 def test_input_ids_prompt():
     parsed = parse_request({"input_ids": np.array([[5, 6, 7]], np.int32)})
     assert parsed.prompt is None and parsed.prompt_token_ids == [5, 6, 7]
@@ -80,6 +119,13 @@ def test_input_ids_prompt():
     ({"text_input": text("x"), "sampling_parameters": text('{"bogus": 1}')}, "sampling_parameters"),
     ({"text_input": text("x"), "sampling_parameters": text('{"max_tokens": "many"}')}, "max_tokens"),
     ({"text_input": text("x"), "stop": np.array([b"\xc3"], dtype=np.object_)}, "stop"),
+    ({"text_input": text("x"), "repetition_penalty": np.array([0.0], np.float32)}, "repetition_penalty"),
+    ({"text_input": text("x"), "presence_penalty": np.array([2.5], np.float32)}, "presence_penalty"),
+    ({"text_input": text("x"), "frequency_penalty": np.array([-3.0], np.float32)}, "frequency_penalty"),
+    ({"text_input": text("x"), "min_tokens": np.array([17], np.int32)}, "min_tokens"),
+    ({"text_input": text("x"), "return_logprobs": np.array([1], np.int32)}, "return_logprobs"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"logprobs": 21}')}, "logprobs"),
+    ({"text_input": text("x"), "sampling_parameters": text('{"logprobs": "many"}')}, "logprobs"),
 ])
 def test_bad_inputs_name_their_field(inputs, field):
     with pytest.raises(InvalidRequestError) as info:
@@ -105,7 +151,8 @@ def request_inputs(draw) -> dict:
     inputs = {spec.name: random_array(draw, spec) for spec in chosen}
     if draw(st.booleans()):
         fields = st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                                                  "stop_token_ids", "ignore_eos", "other"]),
+                                                  "stop_token_ids", "ignore_eos", "min_tokens", "logprobs",
+                                                  "repetition_penalty", "other"]),
                                  st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                                               lambda inner: st.lists(inner, max_size=3)), max_size=4)
         inputs["sampling_parameters"] = text(json.dumps(draw(fields)))
@@ -119,7 +166,7 @@ def test_any_input_parses_or_fails_naming_a_field(inputs):
     try:
         parse_request(inputs)
     except InvalidRequestError as exc:
-        assert exc.field in {spec.name for spec in INPUTS} | {"prompt"}
+        assert exc.field in {spec.name for spec in INPUTS} | set(parsing.JSON_ONLY_SCALARS) | {"prompt"}
 
 
 def test_derive_repository_overrides_parameters_and_counts(tmp_path):

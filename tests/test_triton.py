@@ -93,6 +93,34 @@ def test_http_generate_stream_and_non_streaming_equal_engine(server, reference):
     assert with_prompt.text == PROMPT + reference[1]
 
 
+def test_logprobs_and_penalties_equal_the_in_process_engine(server):
+    """As a vLLM-backend client asks: N in sampling_parameters, the outputs by flags; streamed and whole."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3, repetition_penalty=1.3, presence_penalty=0.5)
+    with Engine(EngineConfig(**SETTINGS)) as engine:
+        outputs = list(engine.generate(PROMPT, params))
+        decoded = {t: engine.tokenizer.decode([t], skip_special_tokens=False)
+                   for o in outputs for entry in o.logprobs for t in [entry.token_id, *entry.top_token_ids]}
+    want = [entry for o in outputs for entry in o.logprobs]
+    fields = {"text_input": PROMPT, "max_tokens": 12, "ignore_eos": True, "repetition_penalty": 1.3,
+              "presence_penalty": 0.5, "return_logprobs": True, "return_cumulative_logprob": True,
+              "sampling_parameters": json.dumps({"logprobs": "3"})}
+    chunks = list(stream_grpc(server.grpc_url, "flover", **fields))
+    assert [t for c in chunks for t in c.token_ids] == [entry.token_id for entry in want]
+    assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in chunks)
+    whole = generate_http(server.http_url, "flover", **fields)
+    for got in ([step for c in chunks for step in c.logprobs], whole.logprobs):
+        assert len(got) == len(want) == 12
+        for step, entry in zip(got, want):
+            expected = {entry.token_id: (entry.logprob, entry.rank)}  # the chosen token first, then the top 3
+            for rank, (token_id, logprob) in enumerate(zip(entry.top_token_ids, entry.top_logprobs), start=1):
+                expected.setdefault(token_id, (logprob, rank))
+            assert list(step) == [str(t) for t in expected]
+            assert step == {str(t): {"logprob": pytest.approx(lp, abs=1e-5), "rank": rank, "decoded_token": decoded[t]}
+                            for t, (lp, rank) in expected.items()}
+    assert chunks[-1].cumulative_logprob == pytest.approx(outputs[-1].cumulative_logprob, abs=1e-4)
+    assert whole.cumulative_logprob == pytest.approx(outputs[-1].cumulative_logprob, abs=1e-4)
+
+
 def test_64_concurrent_streams_over_16_rows_all_complete(server):
     counts, errors = {}, []
 
@@ -164,6 +192,8 @@ def test_cancel_frees_row_and_others_finish(server):
     ({"text_input": "x", "max_tokens": 10_000}, "max_tokens"),
     ({"text_input": "x", "top_p": 1.5}, "top_p"),
     ({"text_input": "x", "top_p": 0.0}, "top_p"),
+    ({"text_input": "x", "presence_penalty": 3.0}, "presence_penalty"),
+    ({"text_input": "x", "sampling_parameters": '{"logprobs": 50}'}, "logprobs"),
     ({"text_input": "word " * 400, "max_tokens": 4}, "prompt"),
     ({"text_input": "x", "sampling_parameters": "{oops"}, "sampling_parameters"),
     ({"text_input": b"\xff\xfe bad utf-8"}, "text_input"),

@@ -24,6 +24,12 @@ class ModelConfig(Protocol):
     bos_token_id: int | None
 
 
+def eos_token_ids(config: ModelConfig) -> frozenset[int]:
+    """The ids that end generation (unless a request ignores eos): a config gives one, several or none."""
+    eos = config.eos_token_id
+    return frozenset(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 class CausalLM(Protocol):
     """A decoder-only LM that keeps its keys and values in the arena `kv`, built in the layout it serves in.
 
@@ -62,4 +68,4 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "GPTJForCausalLM": GPTJ,
 }
 
-__all__ = ["GPT2", "GPTJ", "MODEL_REGISTRY", "CausalLM", "Llama", "ModelConfig"]
+__all__ = ["GPT2", "GPTJ", "MODEL_REGISTRY", "CausalLM", "Llama", "ModelConfig", "eos_token_ids"]

@@ -99,7 +99,7 @@ class Front:
         fields["text_input" if isinstance(prompt, str) else "input_ids"] = prompt
         answer = generation.Answer(Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", info.name), chat=False,
                                    include_usage=body.include_usage, return_token_ids=bool(body.return_token_ids),
-                                   echo=prompt if body.echo else "")
+                                   echo=prompt if body.echo else "", num_logprobs=body.num_logprobs)
         return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="prompt")
 
     async def chat_completions(self, request: Request) -> Response:
@@ -120,7 +120,7 @@ class Front:
         fields = body.triton_fields(body.max_tokens or room) | {"input_ids": prompt_ids}
         answer = generation.Answer(Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", info.name),
                                    chat=True, include_usage=body.include_usage,
-                                   return_token_ids=bool(body.return_token_ids))
+                                   return_token_ids=bool(body.return_token_ids), num_logprobs=body.num_logprobs)
         if body.stream:
             answer.envelope.object = "chat.completion.chunk"
         return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="messages")

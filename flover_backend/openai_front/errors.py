@@ -10,7 +10,9 @@ from starlette.responses import JSONResponse
 # request parameter each one comes from. `prompt` and `input_ids` are the messages of a chat request.
 TRITON_FIELDS = {"text_input": "prompt", "input_ids": "prompt", "prompt": "prompt", "max_tokens": "max_tokens",
                  "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed", "stop": "stop",
-                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
+                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
+                 "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                 "frequency_penalty": "frequency_penalty", "logprobs": "logprobs"}
 _FIELD_ERROR = re.compile(r"(\w+): ")
 
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from flover_backend.openai_front.errors import APIError
+from flover_backend.openai_front.logprobs import chat_logprobs, completion_logprobs
 from flover_backend.openai_front.protocol import Envelope, usage
 from flover_backend.openai_front.triton_backend import Delta
 
@@ -30,9 +31,11 @@ class Answer:
     include_usage: bool = False
     return_token_ids: bool = False
     echo: str = ""  # a completion's prompt, sent before its text (`echo`)
+    num_logprobs: int | None = None  # alternatives per token in `logprobs`; None: no logprobs
+    text_offset: int = 0  # a completion's: where the next token's text starts in the choice's text
 
     def choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, stream: bool,
-               first: bool = False) -> dict:
+               first: bool = False, logprobs: list[dict] | None = None) -> dict:
         if not self.chat:
             body = {"text": text}
         elif not stream:
@@ -40,10 +43,19 @@ class Answer:
         else:  # the first delta names the role; the last may carry no text, only the finish reason
             delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
             body = {"delta": delta}
-        choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, **body, "logprobs": self._logprobs(logprobs or []), "finish_reason": finish_reason}
         if self.return_token_ids:
             choice["token_ids"] = token_ids
         return choice
+
+    def _logprobs(self, steps: list[dict]) -> dict | None:
+        """These tokens' logprobs in the endpoint's shape, if the request asked for them."""
+        if self.num_logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(steps, self.num_logprobs)
+        shaped, self.text_offset = completion_logprobs(steps, self.text_offset)
+        return shaped
 
 
 def check_finish(delta: Delta) -> None:
@@ -77,20 +89,21 @@ async def _disconnect(receive: Callable) -> None:
 
 async def whole(request: Request, answer: Answer, deltas: AsyncIterator[Delta]) -> Response:
     """Collect the generation, then answer with one JSON body."""
-    async def collect() -> tuple[list[str], list[int], Delta]:
-        texts, ids, last = [answer.echo], [], None
+    async def collect() -> tuple[list[str], list[int], list[dict], Delta]:
+        texts, ids, logprobs, last = [answer.echo], [], [], None
         async for delta in deltas:
             texts.append(delta.text)
             ids.extend(delta.token_ids)
+            logprobs.extend(delta.logprobs or [])
             last = delta
-        return texts, ids, last
+        return texts, ids, logprobs, last
 
     try:
-        texts, ids, last = await until_disconnect(request, collect())
+        texts, ids, logprobs, last = await until_disconnect(request, collect())
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it
     check_finish(last)
-    choice = answer.choice("".join(texts), ids, last.finish_reason, stream=False)
+    choice = answer.choice("".join(texts), ids, last.finish_reason, stream=False, logprobs=logprobs)
     return JSONResponse(answer.envelope.body([choice], usage=usage(last.num_input_tokens, last.num_output_tokens)))
 
 
@@ -116,8 +129,10 @@ async def _events(answer: Answer, first: Delta, deltas: AsyncIterator[Delta]) ->
         while True:
             check_finish(delta)
             text = (answer.echo + delta.text) if is_first else delta.text
-            if text or delta.finish_reason or is_first or (answer.return_token_ids and delta.token_ids):
-                choice = answer.choice(text, delta.token_ids, delta.finish_reason, stream=True, first=is_first)
+            shows_tokens = (answer.return_token_ids or answer.num_logprobs is not None) and delta.token_ids
+            if text or delta.finish_reason or is_first or shows_tokens:
+                choice = answer.choice(text, delta.token_ids, delta.finish_reason, stream=True, first=is_first,
+                                       logprobs=delta.logprobs)
                 yield _event(answer.envelope.body([choice], **extra))
                 is_first = False
             if delta.finish_reason is not None:

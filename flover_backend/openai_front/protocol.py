@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flover_backend.openai_front.errors import bad_request
 
 MAX_STOP_STRINGS = 16  # the engine's own bound (sampling_params.MAX_STOP_STRINGS)
+MAX_LOGPROBS = 20  # the engine's own bound (sampling_params.MAX_LOGPROBS)
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -52,32 +55,26 @@ class _Sampling(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     user: str | None = Field(None, max_length=256)
-    # Extensions that vLLM's server has too (clients.loadgen sends them): top-k, run to max_tokens, ids back.
+    # Extensions that vLLM's server has too (clients.loadgen sends some): top-k, run to max_tokens, ids back,
+    # at least min_tokens, repetition penalty.
     top_k: int | None = Field(None, ge=0, le=1 << 20)
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=1 << 20)  # the engine checks it against max_tokens
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     return_token_ids: bool | None = None
 
     def check_supported(self) -> None:
         """Refuse, naming the parameter, what the engine cannot do rather than silently ignoring it."""
         if self.n not in (None, 1):
             raise bad_request("n", f"only n=1 is supported, got {self.n}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(name, "penalties are not supported; leave it 0")
         if self.logit_bias:
             raise bad_request("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options", "is only allowed with stream: true")
-        # With ignore_eos and no stop strings a request runs to max_tokens, which then meets min_tokens.
-        runs_to_max = self.ignore_eos and not self.stop_list and self.max_tokens is not None
-        if self.min_tokens and not (runs_to_max and self.min_tokens <= self.max_tokens):
-            raise bad_request("min_tokens", "is only supported with ignore_eos, no stop strings and "
-                                            "max_tokens >= min_tokens")
 
     @property
     def stop_list(self) -> list[str]:
@@ -87,30 +84,41 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token that the answer shows; None: no logprobs."""
+        raise NotImplementedError
+
     def triton_fields(self, max_tokens: int) -> dict:
         """The flover model's sampling inputs (the prompt is added by the caller)."""
         fields = {"max_tokens": max_tokens, "temperature": 1.0 if self.temperature is None else self.temperature,
                   "top_p": self.top_p or 1.0, "top_k": self.top_k or 0, "ignore_eos": bool(self.ignore_eos),
                   "stream": True}
-        if self.seed is not None:
-            fields["seed"] = self.seed
-        if self.stop_list:
-            fields["stop"] = self.stop_list
+        optional = {"seed": self.seed, "stop": self.stop_list or None, "min_tokens": self.min_tokens,
+                    "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty}
+        fields |= {name: value for name, value in optional.items() if value is not None}
+        if self.num_logprobs is not None:  # the number only goes in sampling_parameters, as vLLM's backend takes it
+            fields |= {"return_logprobs": True, "sampling_parameters": json.dumps({"logprobs": self.num_logprobs})}
         return fields
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def check(self, limits: Limits) -> str | list[int]:
         """Check the request; return its one prompt, text or token ids."""
         self.check_supported()
-        if self.logprobs is not None:
-            raise bad_request("logprobs", "logprobs are not supported yet")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo", "with logprobs is not supported: the engine gives no prompt logprobs")
         if self.best_of not in (None, 1):
             raise bad_request("best_of", "only best_of=1 is supported")
         if self.suffix is not None:
@@ -152,7 +160,11 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self, limits: Limits) -> list[dict]:
         """Check the request; return the messages as the chat template takes them."""
@@ -161,8 +173,8 @@ class ChatCompletionRequest(_Sampling):
                 raise bad_request("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
             self.max_tokens = self.max_completion_tokens
         self.check_supported()
-        if self.logprobs or self.top_logprobs is not None:
-            raise bad_request("logprobs", "logprobs are not supported yet")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs", "needs logprobs: true")
         if len(self.messages) > limits.max_messages:
             raise bad_request("messages", f"{len(self.messages)} messages; at most {limits.max_messages}")
         messages = [{"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from flover_backend.triton_env import GRPC_ADMIN_KEY_HEADER
 
 # Input name -> the NumPy dtype model_repository/flover/config.pbtxt declares; the rest are BYTES.
 INPUT_DTYPES = {"input_ids": np.int32, "max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32,
-                "top_p": np.float32, "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_}
+                "top_p": np.float32, "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_,
+                "min_tokens": np.int32, "repetition_penalty": np.float32, "presence_penalty": np.float32,
+                "frequency_penalty": np.float32, "return_logprobs": np.bool_}
 LIST_INPUTS = {"input_ids", "stop"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
@@ -30,6 +33,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
+    logprobs: list[dict] | None = None  # per token {token id: {logprob, rank, decoded_token}}, if asked for
     finish_reason: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
@@ -153,8 +157,10 @@ def _delta(result) -> Delta:
     text = result.as_numpy("text_output")
     ids = result.as_numpy("output_ids")
     reason = result.as_numpy("finish_reason")
+    logprobs = result.as_numpy("logprobs")
     delta = Delta(text=b"".join(text).decode("utf-8") if text is not None else "",
-                  token_ids=ids.tolist() if ids is not None else [])
+                  token_ids=ids.tolist() if ids is not None else [],
+                  logprobs=json.loads(logprobs[0]) if logprobs is not None else None)
     final = result.get_response().parameters.get("triton_final_response")
     if reason is not None or (final is not None and final.bool_param):
         delta.finish_reason = reason[0].decode() if reason is not None else "stop"

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine import Engine, RequestOutput
+from flover_backend.logprobs import TokenLogprobs, vllm_logprobs
 from flover_backend.triton_model.logs import configure_logging
 from flover_backend.triton_model.metrics import EngineMetrics, refusal_reason
 from flover_backend.triton_model.parsing import ParsedRequest, RequestLimits, parse_request
@@ -36,6 +37,7 @@ class _Stream:
     parsed: ParsedRequest
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     cancel_sent: bool = False
 
 
@@ -172,6 +174,7 @@ class TritonPythonModel:
 
     def _send_delta(self, stream: _Stream, output: RequestOutput) -> None:
         tensors = _token_tensors(output.new_text, output.new_token_ids)
+        tensors += self._logprob_tensors(stream.parsed, output, output.logprobs)
         if output.finished:
             tensors += _final_tensors(output)
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.finished else 0
@@ -180,12 +183,29 @@ class TritonPythonModel:
     def _accumulate(self, stream: _Stream, output: RequestOutput) -> None:
         stream.text.append(output.new_text)
         stream.token_ids.extend(output.new_token_ids)
+        stream.logprobs.extend(output.logprobs or [])
         if not output.finished:
             return
         prefix = "" if stream.parsed.exclude_input_in_output or stream.parsed.prompt is None else stream.parsed.prompt
-        tensors = _token_tensors(prefix + "".join(stream.text), stream.token_ids) + _final_tensors(output)
+        tensors = (_token_tensors(prefix + "".join(stream.text), stream.token_ids)
+                   + self._logprob_tensors(stream.parsed, output, stream.logprobs) + _final_tensors(output))
         stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _logprob_tensors(self, parsed: ParsedRequest, output: RequestOutput, logprobs: list[TokenLogprobs]) -> list:
+        """The `logprobs` (JSON) and `cumulative_logprob` outputs, those the request asked for."""
+        tensors = []
+        if parsed.return_logprobs:
+            shaped = vllm_logprobs(logprobs, self._decode_each)
+            tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(shaped).encode()], dtype=np.object_)))
+        if parsed.return_cumulative_logprob:
+            tensors.append(pb_utils.Tensor("cumulative_logprob",
+                                           np.array([output.cumulative_logprob], dtype=np.float32)))
+        return tensors
+
+    def _decode_each(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text, special tokens included (on this thread, not the loop's)."""
+        return self.engine.tokenizer.decode_batch([[t] for t in token_ids], skip_special_tokens=False)
 
 
 def _inputs(request) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field nee
 # Bytes a stop string may take in UTF-8: each character is at most 4.
 MAX_LIST_LENGTHS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
 MAX_STRING_BYTES = {"stop": 4 * MAX_STOP_STRING_CHARS, JSON_INPUT.name: MAX_JSON_BYTES}
+JSON_ONLY_SCALARS = {"logprobs": int}  # SamplingParams fields that sampling_parameters alone sets (see schema)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     exclude_input_in_output: bool
+    return_logprobs: bool = False  # send the `logprobs` output
+    return_cumulative_logprob: bool = False  # send the `cumulative_logprob` output
 
 
 def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> ParsedRequest:
@@ -65,9 +68,16 @@ def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> Parse
     for spec in SAMPLING_INPUTS:
         if spec.name in inputs:
             values[spec.name] = _list(inputs, spec) if spec.is_list else _scalar(inputs, spec.name, spec.python_type)
-    stream = _scalar(inputs, "stream", bool) if "stream" in inputs else True
-    exclude = _scalar(inputs, "exclude_input_in_output", bool) if "exclude_input_in_output" in inputs else False
-    return ParsedRequest(prompt, token_ids, SamplingParams.from_dict(values), stream, exclude)
+    stream, exclude, return_logprobs, return_cumulative = (
+        _scalar(inputs, name, bool) if name in inputs else default
+        for name, default in (("stream", True), ("exclude_input_in_output", False), ("return_logprobs", False),
+                              ("return_cumulative_logprob", False)))
+    # vLLM's `logprobs` in sampling_parameters asks for them too; either flag alone computes the chosen tokens'.
+    return_logprobs = return_logprobs or values.get("logprobs") is not None
+    if (return_logprobs or return_cumulative) and values.get("logprobs") is None:
+        values["logprobs"] = 0
+    return ParsedRequest(prompt, token_ids, SamplingParams.from_dict(values), stream, exclude, return_logprobs,
+                         return_cumulative)
 
 
 def _flat(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -130,7 +140,7 @@ def _sampling_json(text: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise InvalidRequestError(JSON_INPUT.name, "must be a JSON object")
     # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): accept those too.
-    scalars = {spec.name: spec.python_type for spec in SAMPLING_INPUTS if not spec.is_list}
+    scalars = {spec.name: spec.python_type for spec in SAMPLING_INPUTS if not spec.is_list} | JSON_ONLY_SCALARS
     return {key: _from_string(key, scalars[key], value) if isinstance(value, str) and key in scalars else value
             for key, value in values.items()}
 

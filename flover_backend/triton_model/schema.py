@@ -39,8 +39,16 @@ SAMPLING_INPUTS = (
     TensorSpec("stop", "TYPE_STRING", (-1,)),
     TensorSpec("stop_token_ids", "TYPE_INT32", (-1,)),
     TensorSpec("ignore_eos", "TYPE_BOOL", (1,)),
+    TensorSpec("min_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("repetition_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("presence_penalty", "TYPE_FP32", (1,)),
+    TensorSpec("frequency_penalty", "TYPE_FP32", (1,)),
 )
-RESPONSE_INPUTS = (TensorSpec("stream", "TYPE_BOOL", (1,)), TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,)))
+# As Triton's vLLM backend: the number of alternatives per token is `logprobs` in sampling_parameters only (a
+# tensor of that name would shadow the output); these flags ask for the outputs of the same names.
+RESPONSE_INPUTS = (TensorSpec("stream", "TYPE_BOOL", (1,)), TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,)),
+                   TensorSpec("return_logprobs", "TYPE_BOOL", (1,)),
+                   TensorSpec("return_cumulative_logprob", "TYPE_BOOL", (1,)))
 JSON_INPUT = TensorSpec("sampling_parameters", "TYPE_STRING", (1,))  # any SamplingParams fields, as JSON
 INPUTS = (*PROMPT_INPUTS, *SAMPLING_INPUTS, *RESPONSE_INPUTS, JSON_INPUT)
 
@@ -50,4 +58,8 @@ OUTPUTS = (
     TensorSpec("finish_reason", "TYPE_STRING", (-1,)),  # on the final response only
     TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
+    # If asked for (return_logprobs, or `logprobs` in sampling_parameters): this response's tokens' logprobs as
+    # JSON in vLLM's shape, [{"<token id>": {"logprob", "rank", "decoded_token"}, ...} per token], chosen first.
+    TensorSpec("logprobs", "TYPE_STRING", (-1,)),
+    TensorSpec("cumulative_logprob", "TYPE_FP32", (-1,)),  # if asked for: the sum over every token so far
 )
