@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from flover_backend.ports import find_free_port
+from flover_backend.triton_env import PROJECT_ROOT
 
 CONFIG = """
 backend: "python"
@@ -72,3 +76,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+
+
+def launch_cli(tmp_path: Path, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`python -m flover_backend serve` on a fresh echo repository under `tmp_path`, as a user starts it,
+    with its own FLOVER_HOME; the process (its stdout a text pipe) and its ports."""
+    ports = free_ports()
+    repo = write_repository(tmp_path / "repo")
+    args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
+    env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
+    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args],
+                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return cli, ports

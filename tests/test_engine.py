@@ -24,25 +24,30 @@ def engine_config(**overrides) -> EngineConfig:
                            **overrides})
 
 
+def drive(engine: Engine, jobs: list[tuple[str, SamplingParams]], steps_between: int = 1) -> list[list]:
+    """Submit each job `steps_between` iterations after the last, driving `engine` on this thread until idle,
+    so how requests overlap never depends on this machine's speed; each job's outputs."""
+    outputs: dict = {}
+    ids = []
+    for prompt, params in jobs:
+        ids.append(engine.add_request(prompt, params, on_output=lambda o: outputs.setdefault(o.req_id, []).append(o)))
+        for _ in range(steps_between):
+            engine.step()
+    engine.run_until_idle()
+    assert all(outputs[req_id][-1].finished for req_id in ids)
+    return [outputs[req_id] for req_id in ids]
+
+
 def run_staggered(config: EngineConfig, jobs: list[tuple[str, SamplingParams]], steps_between: int = 1,
                   prepare=None) -> list[list]:
-    """Submit each job `steps_between` iterations after the last, driving the engine on this thread (after
-    `prepare(engine)`), so how requests overlap never depends on this machine's speed; each job's outputs."""
-    outputs: dict = {}
+    """`drive` a fresh engine (after `prepare(engine)`), stopped afterwards."""
     engine = Engine(config)
     try:
         if prepare is not None:
             prepare(engine)
-        ids = []
-        for prompt, params in jobs:
-            ids.append(engine.add_request(prompt, params, on_output=lambda o: outputs.setdefault(o.req_id, []).append(o)))
-            for _ in range(steps_between):
-                engine.step()
-        engine.run_until_idle()
+        return drive(engine, jobs, steps_between)
     finally:
         engine.stop()
-    assert all(outputs[req_id][-1].finished for req_id in ids)
-    return [outputs[req_id] for req_id in ids]
 
 
 def token_ids(outputs: list) -> list[int]:

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import httpx
@@ -26,6 +25,7 @@ from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer
 from flover_backend.triton_env import PROJECT_ROOT
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
 # max_model_len 1024 (the tiny model's whole context): a request of ~1000 tokens runs ~1000 iterations, far
@@ -93,13 +93,6 @@ def metric(server, name: str, model: str = "flover") -> float:
     return sum(float(v) for v in re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE))
 
 
-def wait_for(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_models_lists_the_served_models(client):

@@ -10,6 +10,7 @@ from flover_backend import Engine, EngineConfig, InvalidRequestError, SamplingPa
 from flover_backend.penalties import TokenCounts, apply_penalties
 from flover_backend.request import Request
 from flover_backend.sampler import Sampler
+from tests.test_engine import drive
 
 NEG_INF = float("-inf")
 
@@ -109,16 +110,6 @@ def engine_config(**overrides) -> EngineConfig:
                            **overrides})
 
 
-def run(engine: Engine, jobs: list[tuple[str, SamplingParams]], steps_between: int = 0) -> list[list]:
-    """Each job's outputs, the engine driven on this thread (`steps_between` iterations after each arrival)."""
-    outputs: dict = {}
-    ids = []
-    for prompt, params in jobs:
-        ids.append(engine.add_request(prompt, params, on_output=lambda o: outputs.setdefault(o.req_id, []).append(o)))
-        for _ in range(steps_between):
-            engine.step()
-    engine.run_until_idle()
-    return [outputs[req_id] for req_id in ids]
 
 
 def tokens(outputs: list) -> list[int]:
@@ -126,7 +117,7 @@ def tokens(outputs: list) -> list[int]:
 
 
 def alone(prompt: str, params: SamplingParams) -> list:
-    return run(Engine(engine_config()), [(prompt, params)])[0]
+    return drive(Engine(engine_config()), [(prompt, params)], steps_between=0)[0]
 
 
 def test_greedy_with_penalties_follows_the_penalized_logits_step_by_step(sequence_logits):
@@ -134,7 +125,7 @@ def test_greedy_with_penalties_follows_the_penalized_logits_step_by_step(sequenc
     engine = Engine(engine_config())
     params = SamplingParams(max_tokens=32, ignore_eos=True, repetition_penalty=1.8, presence_penalty=0.5,
                             frequency_penalty=0.7)
-    (outputs,) = run(engine, [("a", params)])
+    (outputs,) = drive(engine, [("a", params)], steps_between=0)
     prompt = engine.tokenizer.encode("a").ids
     got = tokens(outputs)
     raw = sequence_logits(engine, prompt + got)[len(prompt) - 1:-1]
@@ -162,7 +153,7 @@ def test_penalized_requests_draw_the_same_alone_or_in_a_mixed_batch_of_32():
     others = [(f"other {i}", replace(kinds[i % 5], max_tokens=3 + i % 9)) for i in range(28)]
     jobs = others + [(f"target {i}", params) for i, params in enumerate(TARGETS)]
     engine = Engine(engine_config())
-    fused = run(engine, jobs)
+    fused = drive(engine, jobs, steps_between=0)
     assert max(record.num_decode for record in engine.stats.iterations) == 32
     for i, (outputs, params) in enumerate(zip(fused[28:], TARGETS)):
         want = alone(f"target {i}", params)
@@ -173,18 +164,18 @@ def test_penalized_requests_draw_the_same_alone_or_in_a_mixed_batch_of_32():
 def test_min_tokens_holds_back_a_stop_id_and_a_stop_string():
     engine = Engine(engine_config())
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
-    (base,) = run(engine, [("abc", greedy)])
+    (base,) = drive(engine, [("abc", greedy)], steps_between=0)
     ids, text = tokens(base), "".join(o.new_text for o in base)
     stop_id = ids[2]
     first = ids.index(stop_id)  # where greedy would stop
-    (stopped,) = run(engine, [("abc", replace(greedy, ignore_eos=False, stop_token_ids=[stop_id]))])
+    (stopped,) = drive(engine, [("abc", replace(greedy, ignore_eos=False, stop_token_ids=[stop_id]))], steps_between=0)
     assert tokens(stopped) == ids[:first + 1] and stopped[-1].finish_reason == "stop"
-    (held,) = run(engine, [("abc", replace(greedy, ignore_eos=False, stop_token_ids=[stop_id], min_tokens=6))])
+    (held,) = drive(engine, [("abc", replace(greedy, ignore_eos=False, stop_token_ids=[stop_id], min_tokens=6))], steps_between=0)
     got = tokens(held)
     assert got[:first] == ids[:first] and stop_id not in got[:6] and len(got) > 6
     assert held[-1].finish_reason == "length" or (held[-1].finish_reason == "stop" and got[-1] == stop_id)
     stop = text[4:6]
-    (late,) = run(engine, [("abc", replace(greedy, stop=[stop], min_tokens=20))])
+    (late,) = drive(engine, [("abc", replace(greedy, stop=[stop], min_tokens=20))], steps_between=0)
     assert tokens(late)[:20] == ids[:20] and len("".join(o.new_text for o in late)) > text.find(stop)
 
 

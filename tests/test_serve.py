@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +18,7 @@ from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_
 from flover_backend.cli import build_parser
 from flover_backend.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
-from tests.echo_server import free_ports, group_members, write_repository
+from tests.echo_server import free_ports, group_members, launch_cli, write_repository
 
 pytestmark = pytest.mark.triton
 
@@ -127,12 +125,7 @@ def test_broken_model_reports_its_error(tmp_path):
 
 
 def test_cli_serve_stops_on_sigterm(tmp_path):
-    ports = free_ports()
-    repo = write_repository(tmp_path / "repo")
-    args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
-    env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
-    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args],
-                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli, ports = launch_cli(tmp_path)
     try:
         lines = []
         for line in cli.stdout:

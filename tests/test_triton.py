@@ -30,6 +30,7 @@ from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
 from flover_backend.serve import TritonServer
 from flover_backend.triton_model.metrics import METRICS
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
 SETTINGS = {"model": "builtin:tiny", "max_num_seqs": 16, "max_model_len": 256, "num_threads": 1}
@@ -149,13 +150,6 @@ def http_status(server, path: str) -> int:
         return error.code
 
 
-def wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_cancel_frees_row_and_others_finish(server):

@@ -5,26 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flover_backend.serve import TritonServer
-from flover_backend.triton_env import PROJECT_ROOT, SHM_DIR
+from flover_backend.triton_env import SHM_DIR
 from flover_backend.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
-from tests.echo_server import free_ports, write_repository
-
-
-def wait_for(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+from tests.echo_server import free_ports, launch_cli, write_repository
+from tests.waiting import wait_for
 
 
 def echo_ready(server) -> bool:
@@ -86,12 +76,7 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
 
 @pytest.mark.triton
 def test_launcher_killed_takes_tritonserver_and_the_next_launch_clears_its_shared_memory(tmp_path):
-    ports = free_ports()
-    repo = write_repository(tmp_path / "repo")
-    args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
-    env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
-    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args],
-                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cli, _ = launch_cli(tmp_path, stderr=subprocess.DEVNULL)
     try:
         for line in cli.stdout:
             if line.startswith("Ctrl-C"):
