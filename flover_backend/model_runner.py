@@ -20,6 +20,8 @@ from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
 from flover_backend.workers import WorkerGroup, check_gpus, rank_device
 
+PREFILL_ALIGN = 8  # prompt chunks are padded to a multiple of this many positions
+
 
 @dataclass
 class StepTimings:
@@ -171,13 +173,16 @@ class ModelRunner:
         """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends
         its prompt."""
         chunk_lens = [len(chunk) for chunk in plan.prefill_token_ids]
-        input_ids = torch.zeros(len(chunk_lens), max(chunk_lens), dtype=torch.long)
+        # Padded to a multiple of PREFILL_ALIGN: every new input shape leaves per-shape state behind (oneDNN
+        # primitives and more), so prompts of every length made the backend's memory creep up.
+        width = min(-(-max(chunk_lens) // PREFILL_ALIGN) * PREFILL_ALIGN, self.scratch_position + 1)
+        input_ids = torch.zeros(len(chunk_lens), width, dtype=torch.long)
         for i, chunk in enumerate(plan.prefill_token_ids):
             input_ids[i, : chunk_lens[i]] = torch.tensor(chunk)
         rows_list = plan.prefill_rows
         dense = rows_list == list(range(rows_list[0], rows_list[0] + len(rows_list)))
         rows = slice(rows_list[0], rows_list[-1] + 1) if dense else torch.tensor(rows_list, device=self.device)
-        batch = ForwardBatch.prefill(rows, chunk_lens, self.device, plan.prefill_starts)
+        batch = ForwardBatch.prefill(rows, chunk_lens, self.device, plan.prefill_starts, width)
         hidden = self.model(input_ids.to(self.device), batch, self.arena.tensor)  # (B, T, hidden)
         last = torch.tensor([i for i, is_last in enumerate(plan.prefill_last) if is_last], dtype=torch.long,
                             device=self.device)

@@ -57,9 +57,10 @@ class ForwardBatch:
 
     @classmethod
     def prefill(cls, rows: slice | torch.Tensor, chunk_lens: list[int], device: torch.device,
-                starts: list[int] | None = None) -> ForwardBatch:
-        """A batch that writes prompt chunks (right-padded to the longest) into `rows`, from `starts` (0s)."""
-        longest = max(chunk_lens)
+                starts: list[int] | None = None, width: int = 0) -> ForwardBatch:
+        """A batch that writes prompt chunks (right-padded to `width`, at least the longest) into `rows`, from
+        `starts` (0s)."""
+        longest = max(max(chunk_lens), width)
         offsets = torch.arange(longest, device=device)
         last_index = torch.tensor([n - 1 for n in chunk_lens], device=device)
         if not starts or not any(starts):
