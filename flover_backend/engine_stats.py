@@ -54,6 +54,7 @@ class FinishedRecord:
     def describe(self) -> str:
         """One log line's worth: `key=value` pairs, times in seconds, '-' for those it never reached."""
         def seconds(value: float | None) -> str:
+            """A duration for the log line, or '-' when the request never got that far."""
             return "-" if value is None else f"{value:.4f}s"
 
         return (f"finish_reason={self.finish_reason} prompt_tokens={self.num_prompt_tokens} "

@@ -22,6 +22,7 @@ def _exit_with_parent() -> None:
     parent = os.getppid()
 
     def watch() -> None:
+        """Exit this worker as soon as rank 0's process is gone."""
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)

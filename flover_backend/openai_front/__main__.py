@@ -12,6 +12,7 @@ DEFAULT_PORT = 8003  # beside tritonserver's 8000 (HTTP), 8001 (gRPC) and 8002 (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The standalone front's command line."""
     parser = argparse.ArgumentParser(prog="python -m flover_backend.openai_front", description=__doc__)
     parser.add_argument("--triton-grpc-url", default="127.0.0.1:8001", help="tritonserver's gRPC host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the front until interrupted."""
     args = build_parser().parse_args(argv)
     import uvicorn  # after parsing: --help stays fast
 

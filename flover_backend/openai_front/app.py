@@ -51,6 +51,7 @@ class ChatTemplates:
         self._lock = asyncio.Lock()
 
     async def get(self, info: ModelInfo) -> ChatTemplate:
+        """The chat template of the model's checkpoint, read once."""
         spec = self.model_path or info.checkpoint
         async with self._lock:
             if spec not in self._templates:
@@ -78,20 +79,24 @@ class Front:
         self.created = int(time.time())
 
     async def health(self, request: Request) -> Response:
+        """200 while tritonserver is ready, 503 otherwise."""
         ready = await self.backend.is_ready()
         return JSONResponse({"status": "ok" if ready else "triton not ready"}, status_code=200 if ready else 503)
 
     async def list_models(self, request: Request) -> Response:
+        """`/v1/models`: the models Triton serves."""
         names = await self.backend.model_names()
         return JSONResponse({"object": "list", "data": [self._model_card(name) for name in names]})
 
     async def get_model(self, request: Request) -> Response:
+        """`/v1/models/{model}`: one served model, or a 404."""
         name = request.path_params["model"]
         if await self.backend.model_info(name) is None:
             raise model_not_found(name)
         return JSONResponse(self._model_card(name))
 
     async def completions(self, request: Request) -> Response:
+        """`/v1/completions`, streamed or not."""
         body = parse(CompletionRequest, await self._body(request))
         prompt = body.check(self.limits)
         info = await self._model(body.model)
@@ -103,6 +108,7 @@ class Front:
         return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="prompt")
 
     async def chat_completions(self, request: Request) -> Response:
+        """`/v1/chat/completions`, streamed or not."""
         body = parse(ChatCompletionRequest, await self._body(request))
         messages = body.check(self.limits)
         info = await self._model(body.model)
@@ -175,6 +181,7 @@ def create_app(settings: FrontSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        """Open the gRPC channel to Triton for the app's life."""
         await front.backend.start()
         try:
             yield

@@ -50,6 +50,7 @@ class ChatTemplate:
         return cls(source if isinstance(source, str) else None, specials, tokenizer, origin=str(path))
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text the checkpoint's template makes of `messages`."""
         if self._template is None:
             raise NoChatTemplateError(f"{self.origin} has no chat template (no chat_template in its "
                                       f"tokenizer_config.json); use /v1/completions")
@@ -80,6 +81,7 @@ class _Generation(jinja2.ext.Extension):
     tags = frozenset({"generation"})
 
     def parse(self, parser):
+        """Parse `{% generation %}...{% endgeneration %}`, which marks assistant text: render its body."""
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
@@ -115,6 +117,7 @@ class _Dict:
         return dict(*args, **kwargs)
 
     def fromkeys(self, *args, **kwargs):
+        """`dict.fromkeys`, the one class method of `dict` a template may call."""
         return dict.fromkeys(*args, **kwargs)
 
 

@@ -31,6 +31,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """This error as an HTTP response in OpenAI's shape."""
         return JSONResponse(self.body(), status_code=self.status)
 
 
@@ -40,11 +41,13 @@ def bad_request(param: str | None, message: str, code: str | None = None) -> API
 
 
 def model_not_found(model: str) -> APIError:
+    """The 404 for a model Triton does not serve."""
     return APIError(404, f"The model {model!r} does not exist; GET /v1/models lists the served models",
                     param="model", code="model_not_found")
 
 
 def triton_unavailable(detail: str) -> APIError:
+    """The 503 for a tritonserver that cannot be reached."""
     return APIError(503, f"the inference server is unavailable: {detail}", code="triton_unavailable")
 
 

@@ -36,6 +36,7 @@ class Answer:
 
     def choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, stream: bool,
                first: bool = False, logprobs: list[dict] | None = None) -> dict:
+        """One choice of a response or of a streamed chunk."""
         if not self.chat:
             body = {"text": text}
         elif not stream:
@@ -90,6 +91,7 @@ async def _disconnect(receive: Callable) -> None:
 async def whole(request: Request, answer: Answer, deltas: AsyncIterator[Delta]) -> Response:
     """Collect the generation, then answer with one JSON body."""
     async def collect() -> tuple[list[str], list[int], list[dict], Delta]:
+        """Every delta of a non-streamed generation, gathered."""
         texts, ids, logprobs, last = [answer.echo], [], [], None
         async for delta in deltas:
             texts.append(delta.text)

@@ -40,6 +40,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
+    """OpenAI's `stream_options`: whether the last chunk carries the usage."""
     include_usage: bool = False
 
 
@@ -78,10 +79,12 @@ class _Sampling(_Strict):
 
     @property
     def stop_list(self) -> list[str]:
+        """The stop strings as a list, whatever form the request gave them in."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
     @property
@@ -104,6 +107,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
+    """A `/v1/completions` request: one prompt, as text or token ids."""
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -112,6 +116,7 @@ class CompletionRequest(_Sampling):
 
     @property
     def num_logprobs(self) -> int | None:
+        """How many alternatives per token the answer carries logprobs for; None: no logprobs."""
         return self.logprobs
 
     def check(self, limits: Limits) -> str | list[int]:
@@ -140,23 +145,27 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(_Strict):
+    """One text part of a message's content list."""
     type: Literal["text"]
     text: str
 
 
 class Message(_Strict):
+    """One chat message: a role and its content."""
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: Name | None = None
 
     @property
     def text(self) -> str:
+        """The message's text, its parts joined."""
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
+    """A `/v1/chat/completions` request: the messages the chat template renders."""
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     logprobs: bool | None = None
@@ -164,6 +173,7 @@ class ChatCompletionRequest(_Sampling):
 
     @property
     def num_logprobs(self) -> int | None:
+        """How many alternatives per token the answer carries logprobs for; None: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self, limits: Limits) -> list[dict]:
@@ -210,6 +220,7 @@ def _param(error: dict) -> str:
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    """OpenAI's `usage` object from the engine's token counts."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
@@ -224,6 +235,7 @@ class Envelope:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def body(self, choices: list[dict], **extra) -> dict:
+        """The response object around `choices`."""
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 

@@ -53,6 +53,7 @@ class ModelInfo:
 
     @property
     def max_model_len(self) -> int:
+        """The served model's max_model_len setting."""
         return int(self.settings.get("max_model_len", _DEFAULTS["max_model_len"]))
 
 
@@ -82,13 +83,16 @@ class TritonBackend:
         self._models: dict[str, ModelInfo] = {}
 
     async def start(self) -> None:
+        """Open the channel (inside the event loop)."""
         self._client = grpc_aio.InferenceServerClient(self.url)
 
     async def close(self) -> None:
+        """Close the channel."""
         if self._client is not None:
             await self._client.close()
 
     async def is_ready(self) -> bool:
+        """Whether tritonserver says it is ready."""
         try:
             return bool(await self._client.is_server_ready(client_timeout=5.0))
         except InferenceServerException:
@@ -118,6 +122,7 @@ class TritonBackend:
         done = asyncio.Event()
 
         async def requests():
+            """The one request this stream carries."""
             yield {"model_name": model, "inputs": triton_inputs(fields), "request_id": request_id}
             await done.wait()  # our half of the stream stays open until the answer is complete
 
