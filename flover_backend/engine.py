@@ -212,15 +212,20 @@ class Engine:
             raise
         except Exception as exc:
             logger.exception("iteration failed")
-            error = f"{type(exc).__name__}: {exc}"
-            return StepResult([], dict.fromkeys(range(len(out.scheduled)), error), 0, StepTimings())
+            return StepResult([], {}, 0, StepTimings(), failure=f"{type(exc).__name__}: {exc}")
 
     def _postprocess(self, out: SchedulerOutput, result: StepResult | None, started: float) -> list[Emitted]:
         """Append each request's token, end the finished ones, count the iteration; what to emit."""
         emitted: list[Emitted] = [(request, [], "", []) for request in out.aborted]
         with self._lock:
             self._num_queued -= len(out.admitted) + sum(request.row < 0 for request in out.aborted)
-        if result is not None:
+        if result is not None and result.failure is not None:
+            # Prompts part-way through too: their rows never got this iteration's chunk.
+            for request in out.decode + [chunk.request for chunk in out.prefill]:
+                request.error = result.failure
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+                emitted.append((request, [], "", []))
+        elif result is not None:
             now = time.monotonic()
             for i, request in enumerate(out.scheduled):
                 if i in result.row_errors:

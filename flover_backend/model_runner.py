@@ -41,6 +41,7 @@ class StepResult:
     moved_bytes: int
     timings: StepTimings
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # index -> its token's, if it asked
+    failure: str | None = None  # the forward itself failed: every request in it ends with this error
 
 
 @dataclass

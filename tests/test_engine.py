@@ -311,3 +311,27 @@ def test_graph_shapes():
     assert batch_buckets(3) == [1, 2, 3]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
     assert [key_bucket(n, 600) for n in (0, 254, 255, 256, 511, 599)] == [256, 256, 256, 512, 512, 600]
+
+
+def test_a_failed_forward_ends_every_request_in_it_even_a_prompt_midway():
+    """A prompt whose first chunk was lost must not go on decoding from a row that never got that chunk."""
+    engine = Engine(engine_config(max_prefill_tokens=2))
+    outputs: dict = {}
+    long = engine.add_request("a prompt of several chunks", SamplingParams(max_tokens=4),
+                              on_output=lambda o: outputs.setdefault(o.req_id, []).append(o))
+    run = engine.runner.run
+
+    def fail_once(plan):
+        engine.runner.run = run
+        raise RuntimeError("device lost")
+
+    engine.runner.run = fail_once
+    engine.step()
+    (final,) = outputs[long]
+    assert final.finished and final.finish_reason == "error" and "device lost" in final.error
+    assert engine.scheduler.num_running == 0
+    after = engine.add_request("next", SamplingParams(max_tokens=3, ignore_eos=True),
+                               on_output=lambda o: outputs.setdefault(o.req_id, []).append(o))
+    engine.run_until_idle()
+    assert outputs[after][-1].finish_reason == "length"
+    engine.stop()
