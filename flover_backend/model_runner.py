@@ -94,6 +94,7 @@ class ModelRunner:
         self.sampler = Sampler(config.seed, eos_token_ids(model_config))
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
         # token is never fed back, so positions stop at max_model_len - 2.
+        self.max_model_len = config.max_model_len
         self.scratch_position = config.max_model_len - 1
         # Graphs hold no collectives: with tensor parallelism every rank decodes eagerly.
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
@@ -176,7 +177,7 @@ class ModelRunner:
         chunk_lens = [len(chunk) for chunk in plan.prefill_token_ids]
         # Padded to a multiple of PREFILL_ALIGN: every new input shape leaves per-shape state behind (oneDNN
         # primitives and more), so prompts of every length made the backend's memory creep up.
-        width = min(-(-max(chunk_lens) // PREFILL_ALIGN) * PREFILL_ALIGN, self.scratch_position + 1)
+        width = min(-(-max(chunk_lens) // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_model_len)
         input_ids = torch.zeros(len(chunk_lens), width, dtype=torch.long)
         for i, chunk in enumerate(plan.prefill_token_ids):
             input_ids[i, : chunk_lens[i]] = torch.tensor(chunk)

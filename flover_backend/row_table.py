@@ -36,14 +36,6 @@ class RowTable:
         """Rows an arrival can take."""
         return self.num_rows - self.num_live
 
-    @property
-    def span(self) -> int:
-        """One past the highest live row: the rows a forward over every live row must cover."""
-        for row in range(self.num_rows - 1, -1, -1):
-            if self._owner[row] is not None:
-                return row + 1
-        return 0
-
     def owner(self, row: int) -> str | None:
         """The request id holding `row`, or None for a free row."""
         return self._owner[row]
