@@ -11,6 +11,7 @@ import torch
 from flover_backend.config import EngineConfig
 from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
+from flover_backend.layers import native_attention
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
@@ -92,6 +93,9 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(config.seed, eos_token_ids(model_config))
+        # Built (or found built) now, so the compiler never runs inside a step under load.
+        self.native_attention = (config.native_attention and native_attention.supports_arena(self.arena.tensor)
+                                 and native_attention.load() is not None)
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
         # token is never fed back, so positions stop at max_model_len - 2.
         self.max_model_len = config.max_model_len
@@ -165,7 +169,8 @@ class ModelRunner:
             hidden = self.decode_graphs(token_ids, context_lens, write_pos)
         else:
             host = torch.tensor([token_ids, context_lens, write_pos], device=self.device)  # one copy to the device
-            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype, host[2])
+            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype, host[2],
+                                        self.native_attention)
             hidden = self.model(host[0][:, None], batch, self.arena.tensor)[:, 0]  # (span, hidden)
         if span != len(plan.decode_rows):
             hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GPTJConfig, MistralC
 from transformers import GPT2Config as HFGPT2Config
 from transformers import LlamaConfig as HFLlamaConfig
 
+from flover_backend.layers import native_attention
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models import MODEL_REGISTRY, loader
 from flover_backend.models.gpt2 import GPT2Config
@@ -82,9 +83,9 @@ def prefill_in_chunks(ours, seqs: list[list[int]], kv: torch.Tensor, chunk: int)
     return torch.stack([last[i] for i in range(len(seqs))])
 
 
-def check_against_hf(ours, hf, chunk: int | None = None) -> None:
-    """Prefill two right-padded prompts (whole, or `chunk` tokens at a time), decode a few steps, and compare
-    each step with HF's full forward."""
+def check_against_hf(ours, hf, chunk: int | None = None, native: bool = False) -> None:
+    """Prefill two right-padded prompts (whole, or `chunk` tokens at a time), decode a few steps (attending
+    through the compiled kernel if `native`), and compare each step with HF's full forward."""
     c = ours.config
     generator = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
@@ -110,20 +111,22 @@ def check_against_hf(ours, hf, chunk: int | None = None) -> None:
             context_lens = torch.tensor([len(seq) for seq in seqs])
             for seq, token_id in zip(seqs, next_ids.tolist(), strict=True):
                 seq.append(token_id)
-            batch = ForwardBatch.decode(slice(0, 2), context_lens, int(context_lens.max()) + 1)
+            batch = ForwardBatch.decode(slice(0, 2), context_lens, int(context_lens.max()) + 1, native_kernel=native)
             logits = ours.compute_logits(ours.forward(next_ids[:, None], batch, kv)[:, 0])
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["matmul-attention", "native-attention"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_logits_match_transformers(name, sharded, tmp_path):
+def test_logits_match_transformers(name, sharded, native, tmp_path):
     hf = hf_model(name)
     hf.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "1GB")
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert (len(files) > 2) == sharded, files
     ours = load_model(tmp_path, torch.float32, "cpu")
     assert isinstance(ours, MODEL_REGISTRY[hf.config.architectures[0]])
-    check_against_hf(ours, hf)
+    assert not native or native_attention.load() is not None, "the kernel must build where the tests run"
+    check_against_hf(ours, hf, native=native)
 
 
 @pytest.mark.parametrize("chunk", [2, 4])
@@ -132,7 +135,7 @@ def test_prompts_written_in_chunks_give_the_same_logits(name, chunk, tmp_path):
     """Later chunks attend to the positions the row already holds, causally within the chunk."""
     hf = hf_model(name)
     hf.save_pretrained(tmp_path)
-    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk)
+    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk, native=True)
 
 
 def expected_share(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

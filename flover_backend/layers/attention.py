@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from flover_backend.layers import native_attention
+
 
 @dataclass
 class ForwardBatch:
@@ -27,7 +29,9 @@ class ForwardBatch:
     last_index: torch.Tensor | None = None  # prefill: (B,) index of each chunk's last token
     chunks: list[tuple[int, int]] | None = None  # prefill after a first chunk: (start, length) per row
     prefix_mask: torch.Tensor | None = None  # with `chunks`: (B, 1, T, S) True where a query sees a key
+    native_kernel: bool = False  # decode: attend through layers/native_attention.py rather than matmuls
     _write_index: dict = field(default_factory=dict)  # decode: flat arena offsets, built once per step
+    _key_ranges: dict = field(default_factory=dict)  # decode: per sliding window, built once per step
 
     @property
     def num_key_positions(self) -> int:
@@ -40,6 +44,16 @@ class ForwardBatch:
         key_positions = torch.arange(self.num_key_positions, device=self.key_bias.device)
         too_old = key_positions[None, :] <= self.write_pos[:, None] - sliding_window  # (B, S)
         return self.key_bias.masked_fill(too_old[:, None, None, :], -torch.inf)
+
+    def key_ranges(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) first and one-past-last position each row attends to: what `key_bias` (and, with a window,
+        `sliding_key_bias`) leave open, as ranges."""
+        if sliding_window not in self._key_ranges:
+            ends = self.positions[:, 0] + 1
+            starts = (torch.zeros_like(ends) if sliding_window is None
+                      else (self.write_pos - sliding_window + 1).clamp_min(0))
+            self._key_ranges[sliding_window] = starts, ends
+        return self._key_ranges[sliding_window]
 
     def write_index(self, k_cache: torch.Tensor) -> torch.Tensor:
         """(B * nkv,) offsets of each row's new position in a layer's cache viewed as (-1, hd).
@@ -75,8 +89,8 @@ class ForwardBatch:
                    chunks=list(zip(starts, chunk_lens)), prefix_mask=prefix_mask)
 
     @classmethod
-    def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int,
-               dtype: torch.dtype = torch.float32, write_pos: torch.Tensor | None = None) -> ForwardBatch:
+    def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int, dtype: torch.dtype = torch.float32,
+               write_pos: torch.Tensor | None = None, native_kernel: bool = False) -> ForwardBatch:
         """A batch that appends one token per row at position `context_lens[b]`.
 
         A row in the span that is not decoding (a hole, or a prompt still being written) has context 0 and
@@ -89,7 +103,8 @@ class ForwardBatch:
         hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
         key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
-                   write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias)
+                   write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias,
+                   native_kernel=native_kernel)
 
 
 def arena_attention(
@@ -130,6 +145,10 @@ def arena_attention(
             visible = visible & (key_positions > batch.positions[:, :, None] - sliding_window)[:, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
+    if batch.native_kernel:
+        starts, ends = batch.key_ranges(sliding_window)
+        return native_attention.decode_attention(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos,
+                                                 starts, ends)
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
     k_cache.view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))

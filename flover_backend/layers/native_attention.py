@@ -1,0 +1,95 @@
+"""The CPU decode-attention kernel (decode_attention.c): built once per machine with the C compiler, called via ctypes.
+
+torch's batched matmul runs a decode step's attention as one tiny matrix-vector product per (row, head), and
+on this 2-core EPYC reads the cache at ~11 GB/s; the kernel reads each row's visible positions once, in
+place, at several times that (benchmarks/attention_bench.py). Where no C compiler works, `load()` says so
+in the log and attention stays on the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flover_backend.triton_env import work_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+# -march=native: the library is built on, and cached for, the machine that runs it (the key holds its CPU flags).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+_INT64, _FLOAT, _POINTER = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def library_path() -> Path:
+    """Where this source, built with these flags for this CPU, is cached."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    return work_dir().parent / "kernels" / f"decode_attention-{key}.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC", "cc")
+    # Built beside the target and renamed onto it: processes starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        built.replace(target)
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel's library, built on first use; None (logged once) where it cannot be built or loaded."""
+    target = library_path()
+    try:
+        if not target.exists():
+            _build(target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("the CPU decode-attention kernel is unavailable (%s); using batched matmuls", detail)
+        return None
+    function = library.flover_decode_attention
+    function.restype = None
+    function.argtypes = [*[_POINTER] * 6, _INT64, _INT64, *[_POINTER] * 3, *[_INT64] * 5, _FLOAT]
+    return library
+
+
+def supports_arena(arena: torch.Tensor) -> bool:
+    """Whether the kernel can read this arena's layers in place: float32, on the CPU."""
+    return arena.device.type == "cpu" and arena.dtype == torch.float32
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     write_pos: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Store row b's new key and value k, v (B, nkv, 1, hd) at position write_pos[b] of cache rows [0, B), then
+    attend with q (B, nh, 1, hd), row b seeing positions [starts[b], ends[b]); returns (B, nh, 1, hd).
+    The caches are (rows, nkv, max_len, hd) arena views; write_pos, starts and ends int64 (B,)."""
+    library = load()
+    assert library is not None, "call decode_attention only after load() gave the library"
+    batch_size, num_heads, _, head_dim = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    write_pos, starts, ends = write_pos.contiguous(), starts.contiguous(), ends.contiguous()
+    out = torch.empty_like(q)
+    library.flover_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), write_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), starts.data_ptr(), ends.data_ptr(), out.data_ptr(), batch_size,
+        num_heads, k_cache.shape[1], head_dim, k_cache.shape[2], head_dim**-0.5)
+    return out
