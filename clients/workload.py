@@ -26,10 +26,11 @@ def make_trace(
     interval_s: float | None = None,
     mean_gap_s: float | None = None,
     gen_len: tuple[int, int] = (128, 128),
-    prompt_len: int = 16,
+    prompt_len: int | tuple[int, int] = 16,
     seed: int = 0,
 ) -> list[TraceRequest]:
-    """A replayable trace: arrivals every `interval_s`, or Poisson with mean gap `mean_gap_s`; lengths ~ U(a, b)."""
+    """A replayable trace: arrivals every `interval_s`, or Poisson with mean gap `mean_gap_s`; output lengths
+    ~ U(a, b), prompt lengths fixed or ~ U(a, b)."""
     if (interval_s is None) == (mean_gap_s is None):
         raise ValueError("give exactly one of interval_s (constant arrivals) or mean_gap_s (Poisson)")
     low, high = gen_len
@@ -40,7 +41,8 @@ def make_trace(
     for index in range(num_requests):
         if index:
             clock += interval_s if interval_s is not None else rng.expovariate(1.0 / mean_gap_s)
-        prompt = tuple(rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(prompt_len))
+        length = prompt_len if isinstance(prompt_len, int) else rng.randint(*prompt_len)
+        prompt = tuple(rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(length))
         trace.append(TraceRequest(index, clock, prompt, rng.randint(low, high)))
     return trace
 
@@ -85,6 +87,9 @@ def summarize(timings: list[RequestTiming]) -> dict[str, float]:
     end = max(t.end for t in timings)
     ttfts = [t.ttft for t in timings]
     tpots = [t.tpot for t in timings if t.tpot is not None]
+    # Every gap between two tokens of one stream: a stall when a long prompt is prefilled shows here, where a
+    # request's mean time per token would average it away.
+    gaps = [later - earlier for t in timings for earlier, later in zip(t.token_times, t.token_times[1:])]
     total_tokens = sum(t.num_tokens for t in timings)
     return {
         "num_requests": len(timings),
@@ -95,5 +100,7 @@ def summarize(timings: list[RequestTiming]) -> dict[str, float]:
         "ttft_p99_s": percentile(ttfts, 99),
         "tpot_p50_s": percentile(tpots, 50) if tpots else float("nan"),
         "tpot_p99_s": percentile(tpots, 99) if tpots else float("nan"),
+        "itl_p50_s": percentile(gaps, 50) if gaps else float("nan"),
+        "itl_p99_s": percentile(gaps, 99) if gaps else float("nan"),
         "mean_latency_s": statistics.fmean(t.end - t.arrival for t in timings),
     }

@@ -21,7 +21,30 @@ from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
 from flover_backend.workers import WorkerGroup, check_gpus, rank_device
 
-PREFILL_ALIGN = 8  # prompt chunks are padded to a multiple of this many positions
+# Prompt chunks are padded to a multiple of this many positions: every new input shape leaves per-shape state
+# behind (oneDNN primitives and more), so prompts of every length made the backend's memory creep up.
+PREFILL_ALIGN = 8
+# A chunk joins a longer chunk's forward only if that pads it by at most this many positions; past that, its own
+# forward costs less. A forward reads every weight once (~the 1-row decode step, 25 ms for builtin:small here),
+# which is the compute of ~27 prompt tokens; padding 16-400-token prompts to the longest computed 1.52x the
+# positions they needed.
+MAX_PREFILL_PADDING = 32
+
+
+def _aligned(length: int) -> int:
+    return -(-length // PREFILL_ALIGN) * PREFILL_ALIGN
+
+
+def prefill_groups(chunk_lens: list[int]) -> list[list[int]]:
+    """The chunks (indices) split into forwards, longest first, each chunk padded by at most
+    MAX_PREFILL_PADDING positions to its forward's width."""
+    groups: list[list[int]] = []
+    for chunk in sorted(range(len(chunk_lens)), key=lambda i: -chunk_lens[i]):
+        if groups and _aligned(chunk_lens[groups[-1][0]]) - chunk_lens[chunk] <= MAX_PREFILL_PADDING:
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 @dataclass
@@ -178,22 +201,31 @@ class ModelRunner:
 
     def _prefill(self, plan: StepPlan) -> torch.Tensor:
         """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends
-        its prompt."""
-        chunk_lens = [len(chunk) for chunk in plan.prefill_token_ids]
-        # Padded to a multiple of PREFILL_ALIGN: every new input shape leaves per-shape state behind (oneDNN
-        # primitives and more), so prompts of every length made the backend's memory creep up.
-        width = min(-(-max(chunk_lens) // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_model_len)
-        input_ids = torch.zeros(len(chunk_lens), width, dtype=torch.long)
-        for i, chunk in enumerate(plan.prefill_token_ids):
+        its prompt, in plan order."""
+        last_states: dict[int, torch.Tensor] = {}
+        for group in prefill_groups([len(chunk) for chunk in plan.prefill_token_ids]):
+            hidden, last_index = self._prefill_forward(plan, group)
+            for position, chunk in enumerate(group):
+                if plan.prefill_last[chunk]:
+                    last_states[chunk] = hidden[position, last_index[position]]
+        if not last_states:
+            return torch.empty(0, device=self.device)
+        return torch.stack([last_states[chunk] for chunk in sorted(last_states)])
+
+    def _prefill_forward(self, plan: StepPlan, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the chunks `group` (indices into the plan's), right-padded to one width; its hidden
+        states (len(group), width, hidden) and each chunk's last index."""
+        chunks = [plan.prefill_token_ids[i] for i in group]
+        chunk_lens = [len(chunk) for chunk in chunks]
+        width = min(_aligned(max(chunk_lens)), self.max_model_len)
+        input_ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
             input_ids[i, : chunk_lens[i]] = torch.tensor(chunk)
-        rows_list = plan.prefill_rows
+        rows_list = [plan.prefill_rows[i] for i in group]
         dense = rows_list == list(range(rows_list[0], rows_list[0] + len(rows_list)))
         rows = slice(rows_list[0], rows_list[-1] + 1) if dense else torch.tensor(rows_list, device=self.device)
-        batch = ForwardBatch.prefill(rows, chunk_lens, self.device, plan.prefill_starts, width)
-        hidden = self.model(input_ids.to(self.device), batch, self.arena.tensor)  # (B, T, hidden)
-        last = torch.tensor([i for i, is_last in enumerate(plan.prefill_last) if is_last], dtype=torch.long,
-                            device=self.device)
-        return hidden[last, batch.last_index[last]]
+        batch = ForwardBatch.prefill(rows, chunk_lens, self.device, [plan.prefill_starts[i] for i in group], width)
+        return self.model(input_ids.to(self.device), batch, self.arena.tensor), batch.last_index
 
     def _synced_clock(self) -> float:
         """Wall time after the device has finished queued work, so phases are timed honestly on GPU."""

@@ -14,6 +14,7 @@ from flover_backend import (
     SamplingParams,
 )
 from flover_backend.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
+from flover_backend.model_runner import MAX_PREFILL_PADDING, PREFILL_ALIGN, prefill_groups
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
            "hello hello hello", "0123456789", "Zebras", "What is the capital of France?"]
@@ -117,6 +118,47 @@ def test_static_decode_across_key_buckets():
     shapes: list = []
     assert run(static_decode(shapes)) == run()
     assert {256, 512} <= {num_keys for _, num_keys in shapes}
+
+
+@pytest.mark.parametrize("chunk_budget", [0, 40])
+def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_budget):
+    """Prompts that arrive together but differ by more than MAX_PREFILL_PADDING run in separate forwards of
+    one iteration (and, with a budget, in chunks): each gets the tokens it gets alone."""
+    long_prompt = [3 + (i * 7919) % 250 for i in range(80)]
+    jobs = [(long_prompt, 6), (long_prompt[:5], 7), (long_prompt[10:50], 5), (long_prompt[:9], 4)]
+
+    def run(policy: str) -> tuple[list[list[int]], list[list[int]]]:
+        """Each job's tokens, and the (batch, width) of each prompt forward of the first iteration."""
+        engine = Engine(engine_config(max_prefill_tokens=chunk_budget, policy=policy))
+        shapes: list[list[int]] = []
+        engine.runner.model.register_forward_hook(
+            lambda _, args, out: shapes.append(list(args[0].shape)) if args[1].is_prefill else None)
+        outputs: dict = {}
+        try:
+            ids = [engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=n, ignore_eos=True),
+                                      on_output=lambda o: outputs.setdefault(o.req_id, []).append(o))
+                   for prompt, n in jobs]
+            engine.step()
+            first_step = list(shapes)
+            engine.run_until_idle()
+        finally:
+            engine.stop()
+        return [token_ids(outputs[req_id]) for req_id in ids], first_step
+
+    fused, first_step = run("fused")
+    assert run("solo")[0] == fused
+    if not chunk_budget:  # all four prompts in the first iteration: 80 alone, 40 with 9 (padded by 31), 5 alone
+        assert sorted(first_step) == [[1, 8], [1, 80], [2, 40]]
+
+
+def test_prefill_groups_pad_each_chunk_little_and_cover_every_chunk():
+    lens = [5, 80, 50, 9, 120, 44, 16, 100]
+    groups = prefill_groups(lens)
+    assert sorted(i for group in groups for i in group) == list(range(len(lens)))
+    for group in groups:
+        width = -(-lens[group[0]] // PREFILL_ALIGN) * PREFILL_ALIGN
+        assert all(lens[i] <= lens[group[0]] and width - lens[i] <= MAX_PREFILL_PADDING for i in group)
+    assert len(groups) < len(lens)  # chunks close in length still share a forward
 
 
 def test_fused_run_really_batched_and_compacted(greedy_jobs):
