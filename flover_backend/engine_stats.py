@@ -21,7 +21,7 @@ class IterationRecord:
     """One iteration of the loop: who ran, what it cost."""
 
     seconds: float
-    decode_seconds: float  # the fused decode forward alone
+    decode_seconds: float  # the forward: decode rows (with graphs, alone; eagerly, with the prompt chunks too)
     num_decode: int  # requests decoded in the fused forward
     decode_span: int  # rows that forward covered (more than num_decode when holes are not compacted)
     num_prefill: int  # requests whose prompt was completed this iteration: each got its first token

@@ -1,4 +1,4 @@
-"""Turns a `SchedulerOutput` into tensors and runs it: compaction, one fused decode forward, prefill, sampling."""
+"""Turns a `SchedulerOutput` into tensors and runs it: compaction, one forward of every token, sampling."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from flover_backend.models.loader import load_model
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
+from flover_backend.triton_env import work_dir
 from flover_backend.workers import WorkerGroup, check_gpus, rank_device
 
 # Prompt chunks are padded to a multiple of this many positions: every new input shape leaves per-shape state
@@ -52,8 +53,8 @@ class StepTimings:
     """Where one iteration's time went, in seconds."""
 
     compaction: float = 0.0
-    decode: float = 0.0
-    prefill: float = 0.0
+    decode: float = 0.0  # eagerly, the one forward of decode rows and prompt chunks
+    prefill: float = 0.0  # with CUDA graphs, the prompt chunks' own forwards
 
 
 @dataclass
@@ -117,8 +118,9 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed, eos_token_ids(model_config))
         # Built (or found built) now, so the compiler never runs inside a step under load.
-        self.native_attention = (config.native_attention and native_attention.supports_arena(self.arena.tensor)
-                                 and native_attention.load() is not None)
+        self.attention_kernel = (native_attention.load(work_dir().parent / "kernels")
+                                 if config.native_attention and native_attention.supports_arena(self.arena.tensor)
+                                 else None)
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
         # token is never fed back, so positions stop at max_model_len - 2.
         self.max_model_len = config.max_model_len
@@ -163,16 +165,21 @@ class ModelRunner:
         start = time.perf_counter()
         moved_bytes = self.arena.apply_moves(plan.moves)
         timings.compaction = self._synced_clock() - start
-        hidden = []
+        if self.decode_graphs is None:
+            hidden = self._fused(plan)
+            timings.decode = self._synced_clock() - start - timings.compaction
+            return hidden, moved_bytes, timings
+        # CUDA graphs capture the decode step alone, so prompt chunks get forwards of their own.
+        states = []
         if plan.decode_rows:
-            hidden.append(self._decode(plan))
+            states.append(self._decode(plan))
         timings.decode = self._synced_clock() - start - timings.compaction
         if plan.prefill_rows:
             last_states = self._prefill(plan)
             if len(last_states):
-                hidden.append(last_states)
+                states.append(last_states)
         timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
-        return (torch.cat(hidden) if len(hidden) > 1 else hidden[0] if hidden else None), moved_bytes, timings
+        return (torch.cat(states) if len(states) > 1 else states[0] if states else None), moved_bytes, timings
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any."""
@@ -180,24 +187,55 @@ class ModelRunner:
             self.workers.close()
             self.workers = None
 
-    def _decode(self, plan: StepPlan) -> torch.Tensor:
-        """One forward over rows [0, span): the next token's hidden state for every running request."""
+    def _fused(self, plan: StepPlan) -> torch.Tensor | None:
+        """One forward over every token of the iteration, the decode rows' and each prompt chunk's end to end,
+        so the weights are read once: the hidden states to sample from, as `run` returns them."""
+        parts, token_ids = [], []
+        if plan.decode_rows:
+            decode_ids, context_lens, write_pos = self._decode_inputs(plan)
+            host = torch.tensor([context_lens, write_pos], device=self.device)
+            parts.append(ForwardBatch.decode(slice(0, plan.decode_span), host[0], max(context_lens) + 1, self.dtype,
+                                             host[1], self.attention_kernel))
+            token_ids += decode_ids
+        ends_prompt = []  # where each chunk that ends its prompt has its last token
+        for row, chunk, start, is_last in zip(plan.prefill_rows, plan.prefill_token_ids, plan.prefill_starts,
+                                              plan.prefill_last):
+            parts.append(ForwardBatch.prefill(slice(row, row + 1), [len(chunk)], self.device, [start]))
+            token_ids += chunk
+            if is_last:
+                ends_prompt.append(len(token_ids) - 1)
+        # With prompt tokens in it, the forward's length is padded to a multiple of PREFILL_ALIGN (see there).
+        num_tokens = _aligned(len(token_ids)) if plan.prefill_rows else len(token_ids)
+        input_ids = torch.tensor(token_ids + [0] * (num_tokens - len(token_ids)), device=self.device)[None]
+        hidden = self.model(input_ids, ForwardBatch.fused(parts, num_tokens), self.arena.tensor)[0]  # (N, hidden)
+        states = []
+        if plan.decode_rows:
+            states.append(self._decoding_rows(plan, hidden[:plan.decode_span]))
+        if ends_prompt:
+            states.append(hidden[torch.tensor(ends_prompt, device=self.device)])
+        return torch.cat(states) if len(states) > 1 else states[0] if states else None
+
+    def _decode_inputs(self, plan: StepPlan) -> tuple[list[int], list[int], list[int]]:
+        """Token, context length and write position of every row in the decode span [0, span).
+
+        Rows in the span that are not decoding (holes, prompts still being written) run a dummy token that
+        attends to position 0 and writes its key at the scratch position, which no request ever uses.
+        """
         span = plan.decode_span
-        # Rows in the span that are not decoding (holes, prompts still being written) run a dummy token that
-        # attends to position 0 and writes its key at the scratch position, which no request ever uses.
         token_ids, context_lens, write_pos = [0] * span, [0] * span, [self.scratch_position] * span
         for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
             token_ids[row], context_lens[row], write_pos[row] = token_id, context_len, context_len
-        if self.decode_graphs is not None:
-            hidden = self.decode_graphs(token_ids, context_lens, write_pos)
-        else:
-            host = torch.tensor([token_ids, context_lens, write_pos], device=self.device)  # one copy to the device
-            batch = ForwardBatch.decode(slice(0, span), host[1], max(context_lens) + 1, self.dtype, host[2],
-                                        self.native_attention)
-            hidden = self.model(host[0][:, None], batch, self.arena.tensor)[:, 0]  # (span, hidden)
-        if span != len(plan.decode_rows):
-            hidden = hidden[torch.tensor(plan.decode_rows, device=self.device)]
-        return hidden
+        return token_ids, context_lens, write_pos
+
+    def _decoding_rows(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoding requests' hidden states, in plan order, out of the whole span's."""
+        if plan.decode_span == len(plan.decode_rows):
+            return hidden
+        return hidden[torch.tensor(plan.decode_rows, device=self.device)]
+
+    def _decode(self, plan: StepPlan) -> torch.Tensor:
+        """The decode step replayed from its CUDA graph: each decoding request's next-token hidden state."""
+        return self._decoding_rows(plan, self.decode_graphs(*self._decode_inputs(plan)))
 
     def _prefill(self, plan: StepPlan) -> torch.Tensor:
         """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends

@@ -120,19 +120,23 @@ def test_static_decode_across_key_buckets():
     assert {256, 512} <= {num_keys for _, num_keys in shapes}
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["fused-forward", "graph-decode"])
 @pytest.mark.parametrize("chunk_budget", [0, 40])
-def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_budget):
-    """Prompts that arrive together but differ by more than MAX_PREFILL_PADDING run in separate forwards of
-    one iteration (and, with a budget, in chunks): each gets the tokens it gets alone."""
+def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_budget, graphs):
+    """Prompts of very different lengths arriving together, some with decoding rows beside them, whole or in
+    chunks: each gets the tokens it gets alone. Eagerly, an iteration is one forward of all its tokens end to
+    end; with graph decoding, prompt chunks run in forwards of their own, each padded by at most
+    MAX_PREFILL_PADDING positions."""
     long_prompt = [3 + (i * 7919) % 250 for i in range(80)]
     jobs = [(long_prompt, 6), (long_prompt[:5], 7), (long_prompt[10:50], 5), (long_prompt[:9], 4)]
 
     def run(policy: str) -> tuple[list[list[int]], list[list[int]]]:
-        """Each job's tokens, and the (batch, width) of each prompt forward of the first iteration."""
+        """Each job's tokens, and the (batch, width) of each forward of the first iteration."""
         engine = Engine(engine_config(max_prefill_tokens=chunk_budget, policy=policy))
+        if graphs:
+            static_decode([])(engine)
         shapes: list[list[int]] = []
-        engine.runner.model.register_forward_hook(
-            lambda _, args, out: shapes.append(list(args[0].shape)) if args[1].is_prefill else None)
+        engine.runner.model.register_forward_hook(lambda _, args, out: shapes.append(list(args[0].shape)))
         outputs: dict = {}
         try:
             ids = [engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=n, ignore_eos=True),
@@ -147,8 +151,9 @@ def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_
 
     fused, first_step = run("fused")
     assert run("solo")[0] == fused
-    if not chunk_budget:  # all four prompts in the first iteration: 80 alone, 40 with 9 (padded by 31), 5 alone
-        assert sorted(first_step) == [[1, 8], [1, 80], [2, 40]]
+    if not chunk_budget:  # all four prompts in the first iteration (80 + 5 + 40 + 9 tokens)
+        # graph decoding: 80 alone, 40 with 9 (padded by 31), 5 alone; eagerly: one forward, 134 -> 136 tokens
+        assert sorted(first_step) == ([[1, 8], [1, 80], [2, 40]] if graphs else [[1, 136]])
 
 
 def test_prefill_groups_pad_each_chunk_little_and_cover_every_chunk():

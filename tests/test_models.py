@@ -18,6 +18,7 @@ from flover_backend.models import MODEL_REGISTRY, loader
 from flover_backend.models.gpt2 import GPT2Config
 from flover_backend.models.llama import LlamaConfig
 from flover_backend.models.loader import load_model, resolve_model_path
+from flover_backend.triton_env import work_dir
 
 VOCAB_SIZE = 96
 PROMPT_LENS = [5, 9]
@@ -83,9 +84,16 @@ def prefill_in_chunks(ours, seqs: list[list[int]], kv: torch.Tensor, chunk: int)
     return torch.stack([last[i] for i in range(len(seqs))])
 
 
-def check_against_hf(ours, hf, chunk: int | None = None, native: bool = False) -> None:
+def attention_kernel() -> native_attention.DecodeAttentionKernel:
+    """The compiled decode-attention kernel, as the engine builds it."""
+    built = native_attention.load(work_dir().parent / "kernels")
+    assert built is not None, "the kernel must build where the tests run"
+    return built
+
+
+def check_against_hf(ours, hf, chunk: int | None = None, kernel=None) -> None:
     """Prefill two right-padded prompts (whole, or `chunk` tokens at a time), decode a few steps (attending
-    through the compiled kernel if `native`), and compare each step with HF's full forward."""
+    through the compiled `kernel` if one is given), and compare each step with HF's full forward."""
     c = ours.config
     generator = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
@@ -111,7 +119,7 @@ def check_against_hf(ours, hf, chunk: int | None = None, native: bool = False) -
             context_lens = torch.tensor([len(seq) for seq in seqs])
             for seq, token_id in zip(seqs, next_ids.tolist(), strict=True):
                 seq.append(token_id)
-            batch = ForwardBatch.decode(slice(0, 2), context_lens, int(context_lens.max()) + 1, native_kernel=native)
+            batch = ForwardBatch.decode(slice(0, 2), context_lens, int(context_lens.max()) + 1, kernel=kernel)
             logits = ours.compute_logits(ours.forward(next_ids[:, None], batch, kv)[:, 0])
 
 
@@ -125,8 +133,7 @@ def test_logits_match_transformers(name, sharded, native, tmp_path):
     assert (len(files) > 2) == sharded, files
     ours = load_model(tmp_path, torch.float32, "cpu")
     assert isinstance(ours, MODEL_REGISTRY[hf.config.architectures[0]])
-    assert not native or native_attention.load() is not None, "the kernel must build where the tests run"
-    check_against_hf(ours, hf, native=native)
+    check_against_hf(ours, hf, kernel=attention_kernel() if native else None)
 
 
 @pytest.mark.parametrize("chunk", [2, 4])
@@ -135,7 +142,7 @@ def test_prompts_written_in_chunks_give_the_same_logits(name, chunk, tmp_path):
     """Later chunks attend to the positions the row already holds, causally within the chunk."""
     hf = hf_model(name)
     hf.save_pretrained(tmp_path)
-    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk, native=True)
+    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk, kernel=attention_kernel())
 
 
 def expected_share(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

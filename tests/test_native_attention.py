@@ -8,14 +8,18 @@ from hypothesis import strategies as st
 from flover_backend import EngineConfig, SamplingParams
 from flover_backend.layers import native_attention
 from flover_backend.layers.attention import ForwardBatch, arena_attention
+from flover_backend.triton_env import work_dir
 from tests.test_engine import PROMPTS, run_staggered, token_ids
 
 MAX_LEN = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    assert native_attention.load() is not None, "the kernel must build where the tests run"
+@pytest.fixture(scope="module")
+def kernel() -> native_attention.DecodeAttentionKernel:
+    """The kernel as the engine builds it."""
+    built = native_attention.load(work_dir().parent / "kernels")
+    assert built is not None, "the kernel must build where the tests run"
+    return built
 
 
 def arena_layer(rows: int, num_kv_heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +35,7 @@ def random(*shape: int, seed: int) -> torch.Tensor:
 @settings(max_examples=40, deadline=None)
 @given(lens=st.lists(st.integers(0, MAX_LEN - 2), min_size=1, max_size=5), group=st.sampled_from([1, 2, 3]),
        window=st.sampled_from([None, 1, 4, 16]), seed=st.integers(0, 2**16))
-def test_stores_and_attends_as_the_matmul_attention_does(lens, group, window, seed):
+def test_stores_and_attends_as_the_matmul_attention_does(kernel, lens, group, window, seed):
     """The same keys stored in the same places, and the same attention (each row sees its length + 1 keys,
     within its window), with GQA and sliding windows."""
     num_kv_heads, head_dim, rows = 2, 8, len(lens)
@@ -40,32 +44,32 @@ def test_stores_and_attends_as_the_matmul_attention_does(lens, group, window, se
     outputs, caches = [], []
     for native in (False, True):
         k_cache, v_cache = arena_layer(rows, num_kv_heads, head_dim, seed)
-        batch = ForwardBatch.decode(slice(0, rows), torch.tensor(lens), max(lens) + 1, native_kernel=native)
+        batch = ForwardBatch.decode(slice(0, rows), torch.tensor(lens), max(lens) + 1,
+                                    kernel=kernel if native else None)
         outputs.append(arena_attention(q, k, v, k_cache, v_cache, batch, window))
         caches.append((k_cache, v_cache))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(*caches))
 
 
-def test_a_row_gets_the_same_bits_alone_and_in_a_batch():
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(kernel):
     """Each (row, head) is computed alone, so what else is in the batch never changes a row's result."""
     k_cache, v_cache = arena_layer(6, 2, 16, seed=3)
     q, k, v = random(6, 4, 1, 16, seed=4), random(6, 2, 1, 16, seed=5), random(6, 2, 1, 16, seed=6)
     write_pos, starts = torch.tensor([6, 29, 0, 11, 38, 2]), torch.tensor([0, 2, 0, 5, 0, 0])
     ends = write_pos + 1
-    together = native_attention.decode_attention(q, k, v, k_cache, v_cache, write_pos, starts, ends)
+    together = kernel(q, k, v, k_cache, v_cache, write_pos, starts, ends)
     for row in range(6):
         one = slice(row, row + 1)
-        alone = native_attention.decode_attention(q[one], k[one], v[one], k_cache[one], v_cache[one], write_pos[one],
-                                                  starts[one], ends[one])
+        alone = kernel(q[one], k[one], v[one], k_cache[one], v_cache[one], write_pos[one], starts[one], ends[one])
         assert torch.equal(alone[0], together[row])
 
 
-def test_a_row_with_no_visible_key_gets_zeros():
+def test_a_row_with_no_visible_key_gets_zeros(kernel):
     k_cache, v_cache = arena_layer(2, 1, 8, seed=5)
     new = torch.ones(2, 1, 1, 8)
-    out = native_attention.decode_attention(torch.ones(2, 1, 1, 8), new, new, k_cache, v_cache, torch.tensor([3, 3]),
-                                            torch.tensor([4, 0]), torch.tensor([4, 4]))
+    out = kernel(torch.ones(2, 1, 1, 8), new, new, k_cache, v_cache, torch.tensor([3, 3]), torch.tensor([4, 0]),
+                 torch.tensor([4, 4]))
     assert torch.equal(out[0], torch.zeros(1, 1, 8)) and out[1].abs().sum() > 0
 
 
@@ -76,17 +80,13 @@ def test_without_a_compiler_the_engine_decodes_on_the_matmuls(tmp_path, monkeypa
     def serve() -> tuple[list[list[int]], bool]:
         uses_kernel = []
         outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
-                                prepare=lambda engine: uses_kernel.append(engine.runner.native_attention))
+                                prepare=lambda engine: uses_kernel.append(engine.runner.attention_kernel is not None))
         return [token_ids(output) for output in outputs], uses_kernel[0]
 
     with_kernel, used = serve()
     assert used
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(native_attention, "library_path", lambda: tmp_path / "kernel.so")
-    native_attention.load.cache_clear()
-    try:
-        without_kernel, used = serve()
-    finally:
-        native_attention.load.cache_clear()
-    assert not used and not (tmp_path / "kernel.so").exists()
+    monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
+    without_kernel, used = serve()
+    assert not used and not list((tmp_path / "kernels").glob("*.so"))
     assert without_kernel == with_kernel

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flover_backend.layers import native_attention
+from flover_backend.layers.native_attention import DecodeAttentionKernel
 
 
 @dataclass
@@ -29,7 +29,8 @@ class ForwardBatch:
     last_index: torch.Tensor | None = None  # prefill: (B,) index of each chunk's last token
     chunks: list[tuple[int, int]] | None = None  # prefill after a first chunk: (start, length) per row
     prefix_mask: torch.Tensor | None = None  # with `chunks`: (B, 1, T, S) True where a query sees a key
-    native_kernel: bool = False  # decode: attend through layers/native_attention.py rather than matmuls
+    kernel: DecodeAttentionKernel | None = None  # decode: store and attend through it rather than matmuls
+    parts: list[ForwardBatch] | None = None  # fused: batches whose tokens lie end to end in one (1, N) forward
     _write_index: dict = field(default_factory=dict)  # decode: flat arena offsets, built once per step
     _key_ranges: dict = field(default_factory=dict)  # decode: per sliding window, built once per step
 
@@ -70,6 +71,16 @@ class ForwardBatch:
         return self._write_index[key]
 
     @classmethod
+    def fused(cls, parts: list[ForwardBatch], num_tokens: int) -> ForwardBatch:
+        """One forward of `num_tokens` tokens (1, N): each part's tokens in turn (a decode batch's one per row, a
+        prompt chunk's), attending as that part alone would; tokens past the parts' are padding, attending to
+        nothing. Every linear layer then reads its weights once for the whole iteration."""
+        positions = torch.cat([part.positions.reshape(-1) for part in parts])
+        padding = positions.new_zeros(num_tokens - len(positions))
+        return cls(rows=slice(0, 0), positions=torch.cat([positions, padding])[None],
+                   is_prefill=any(part.is_prefill for part in parts), parts=parts)
+
+    @classmethod
     def prefill(cls, rows: slice | torch.Tensor, chunk_lens: list[int], device: torch.device,
                 starts: list[int] | None = None, width: int = 0) -> ForwardBatch:
         """A batch that writes prompt chunks (right-padded to `width`, at least the longest) into `rows`, from
@@ -90,7 +101,7 @@ class ForwardBatch:
 
     @classmethod
     def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int, dtype: torch.dtype = torch.float32,
-               write_pos: torch.Tensor | None = None, native_kernel: bool = False) -> ForwardBatch:
+               write_pos: torch.Tensor | None = None, kernel: DecodeAttentionKernel | None = None) -> ForwardBatch:
         """A batch that appends one token per row at position `context_lens[b]`.
 
         A row in the span that is not decoding (a hole, or a prompt still being written) has context 0 and
@@ -104,7 +115,7 @@ class ForwardBatch:
         key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
                    write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias,
-                   native_kernel=native_kernel)
+                   kernel=kernel)
 
 
 def arena_attention(
@@ -121,6 +132,8 @@ def arena_attention(
     With `sliding_window` (Mistral's), the query at position p sees only the keys at positions > p - sliding_window.
     The arena still keeps every key of a row: only the mask changes.
     """
+    if batch.parts is not None:
+        return _fused_attention(q, k, v, k_cache, v_cache, batch.parts, sliding_window)
     gqa = q.shape[1] != k.shape[1]
     if batch.is_prefill and batch.chunks is None:
         num_tokens = k.shape[2]
@@ -145,10 +158,9 @@ def arena_attention(
             visible = visible & (key_positions > batch.positions[:, :, None] - sliding_window)[:, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
-    if batch.native_kernel:
+    if batch.kernel is not None:
         starts, ends = batch.key_ranges(sliding_window)
-        return native_attention.decode_attention(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos,
-                                                 starts, ends)
+        return batch.kernel(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos, starts, ends)
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
     k_cache.view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
@@ -159,6 +171,26 @@ def arena_attention(
     # A window that covers every key read changes nothing, so the common case builds no second mask.
     windowed = sliding_window is not None and num_keys > sliding_window
     return decode_attention(q, keys, values, batch.sliding_key_bias(sliding_window) if windowed else batch.key_bias)
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     parts: list[ForwardBatch], sliding_window: int | None) -> torch.Tensor:
+    """Attention of a fused forward's (1, heads, N, hd) tokens, part by part; padding tokens get zeros."""
+    outputs, offset = [], 0
+    for part in parts:
+        count = part.positions.numel()
+        pieces = [t[0, :, offset:offset + count] for t in (q, k, v)]  # (heads, count, hd)
+        if part.is_prefill:  # one prompt chunk: (1, heads, T, hd)
+            out = arena_attention(*(p[None] for p in pieces), k_cache, v_cache, part, sliding_window)
+        else:  # a token per row: (rows, heads, 1, hd)
+            out = arena_attention(*(p.transpose(0, 1)[:, :, None] for p in pieces), k_cache, v_cache, part,
+                                  sliding_window)
+            out = out[:, :, 0].transpose(0, 1)[None]
+        outputs.append(out)
+        offset += count
+    if offset < q.shape[2]:
+        outputs.append(q.new_zeros(1, q.shape[1], q.shape[2] - offset, q.shape[3]))
+    return torch.cat(outputs, dim=2)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 torch's batched matmul runs a decode step's attention as one tiny matrix-vector product per (row, head), and
 on this 2-core EPYC reads the cache at ~11 GB/s; the kernel reads each row's visible positions once, in
-place, at several times that (benchmarks/attention_bench.py). Where no C compiler works, `load()` says so
-in the log and attention stays on the batched matmuls.
+place, at about twice that. Where no C compiler works, `load()` says so in the log and attention stays on the
+batched matmuls.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from flover_backend.triton_env import work_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +35,10 @@ def _cpu_flags() -> str:
         return ""
 
 
-def library_path() -> Path:
-    """Where this source, built with these flags for this CPU, is cached."""
+def library_path(build_dir: Path) -> Path:
+    """Where this source, built with these flags for this CPU, is cached under `build_dir`."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return work_dir().parent / "kernels" / f"decode_attention-{key}.so"
+    return build_dir / f"decode_attention-{key}.so"
 
 
 def _build(target: Path) -> None:
@@ -54,42 +52,45 @@ def _build(target: Path) -> None:
         built.replace(target)
 
 
+class DecodeAttentionKernel:
+    """The built kernel: stores a decode step's keys and values in the arena, then attends."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._function = library.flover_decode_attention
+        self._function.restype = None
+        self._function.argtypes = [*[_POINTER] * 6, _INT64, _INT64, *[_POINTER] * 3, *[_INT64] * 5, _FLOAT]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, write_pos: torch.Tensor, starts: torch.Tensor,
+                 ends: torch.Tensor) -> torch.Tensor:
+        """Store row b's new key and value k, v (B, nkv, 1, hd) at position write_pos[b] of cache rows [0, B),
+        then attend with q (B, nh, 1, hd), row b seeing positions [starts[b], ends[b]); returns (B, nh, 1, hd).
+        The caches are (rows, nkv, max_len, hd) float32 arena views; write_pos, starts and ends int64 (B,)."""
+        batch_size, num_heads, _, head_dim = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        write_pos, starts, ends = write_pos.contiguous(), starts.contiguous(), ends.contiguous()
+        out = torch.empty_like(q)
+        self._function(q.data_ptr(), k.data_ptr(), v.data_ptr(), write_pos.data_ptr(), k_cache.data_ptr(),
+                       v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), starts.data_ptr(), ends.data_ptr(),
+                       out.data_ptr(), batch_size, num_heads, k_cache.shape[1], head_dim, k_cache.shape[2],
+                       head_dim**-0.5)
+        return out
+
+
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The kernel's library, built on first use; None (logged once) where it cannot be built or loaded."""
-    target = library_path()
+def load(build_dir: Path) -> DecodeAttentionKernel | None:
+    """The kernel, built into `build_dir` on first use; None (logged once) where it cannot be built or loaded."""
+    target = library_path(build_dir)
     try:
         if not target.exists():
             _build(target)
-        library = ctypes.CDLL(str(target))
+        return DecodeAttentionKernel(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("the CPU decode-attention kernel is unavailable (%s); using batched matmuls", detail)
         return None
-    function = library.flover_decode_attention
-    function.restype = None
-    function.argtypes = [*[_POINTER] * 6, _INT64, _INT64, *[_POINTER] * 3, *[_INT64] * 5, _FLOAT]
-    return library
 
 
 def supports_arena(arena: torch.Tensor) -> bool:
     """Whether the kernel can read this arena's layers in place: float32, on the CPU."""
     return arena.device.type == "cpu" and arena.dtype == torch.float32
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     write_pos: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Store row b's new key and value k, v (B, nkv, 1, hd) at position write_pos[b] of cache rows [0, B), then
-    attend with q (B, nh, 1, hd), row b seeing positions [starts[b], ends[b]); returns (B, nh, 1, hd).
-    The caches are (rows, nkv, max_len, hd) arena views; write_pos, starts and ends int64 (B,)."""
-    library = load()
-    assert library is not None, "call decode_attention only after load() gave the library"
-    batch_size, num_heads, _, head_dim = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    write_pos, starts, ends = write_pos.contiguous(), starts.contiguous(), ends.contiguous()
-    out = torch.empty_like(q)
-    library.flover_decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), write_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), starts.data_ptr(), ends.data_ptr(), out.data_ptr(), batch_size,
-        num_heads, k_cache.shape[1], head_dim, k_cache.shape[2], head_dim**-0.5)
-    return out
