@@ -194,9 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick:
                 results["exp6_vs_vllm"] = against_vllm(bench)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    if "exp6_vs_vllm" in results:
+        write_peer(results["exp6_vs_vllm"], args.out)
     summary_line = write_report(results, args.out, name)
     print(summary_line)
     return 0
+
+
+def write_peer(peer: dict, out: Path) -> None:
+    """Experiment 6's runs and table on their own: vs_vllm.json and vs_vllm.md."""
+    (out / "vs_vllm.json").write_text(json.dumps(peer, indent=2))
+    (out / "vs_vllm.md").write_text("\n".join(peer_section(peer)))
 
 
 def vllm_only(out: Path) -> int:
@@ -210,8 +218,7 @@ def vllm_only(out: Path) -> int:
             replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
                    show_progress=False)
             peer = against_vllm(bench)
-    (out / "vs_vllm.json").write_text(json.dumps(peer, indent=2))
-    (out / "vs_vllm.md").write_text("\n".join(peer_section(peer)))
+    write_peer(peer, out)
     ratios = ", ".join(f"{name} {case['flover_over_vllm']:.2f}" for name, case in peer["cases"].items())
     print(f"flover / vLLM tokens/s: {ratios}; flover sampled / greedy: {peer['flover_sampled_over_greedy']:.2f} "
           f"(tables in {out / 'vs_vllm.md'})")

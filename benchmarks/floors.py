@@ -49,3 +49,20 @@ def weight_footprint(model: torch.nn.Module) -> tuple[int, int]:
         num_bytes += param.numel() * param.element_size()
         num_params += param.numel()
     return num_bytes, num_params
+
+
+def linear_rate(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
+    """FLOP per second of the model's matmuls (every linear layer, the LM head included) on `rows` rows, each
+    layer's weights read from memory as in a decode step; best of `repeats` passes over all of them."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+              and m.weight.dim() == 2 and not isinstance(m, torch.nn.Embedding)]
+    device = layers[0].weight.device
+    inputs = [torch.randn(rows, layer.weight.shape[1], device=device, dtype=layer.weight.dtype) for layer in layers]
+
+    def every_layer() -> None:
+        with torch.inference_mode():
+            for layer, x in zip(layers, inputs):
+                layer(x)
+
+    flop = sum(2 * rows * layer.weight.numel() for layer in layers)
+    return flop / _best_of(every_layer, repeats, device)

@@ -22,7 +22,7 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "sampling.md": "`make bench-sampling`: the sampling step, per-row against batched",
     "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
     "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
-    "vs_vllm.json": "`python -m benchmarks.experiments --vllm-only`: experiment 6 alone (vs_vllm.md: its table)",
+    "vs_vllm.md": "experiment 6's table alone (its runs: vs_vllm.json); `--vllm-only` reruns just it",
 }
 
 
