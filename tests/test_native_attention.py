@@ -90,3 +90,16 @@ def test_without_a_compiler_the_engine_decodes_on_the_matmuls(tmp_path, monkeypa
     without_kernel, used = serve()
     assert not used and not list((tmp_path / "kernels").glob("*.so"))
     assert without_kernel == with_kernel
+
+
+def test_positions_outside_the_row_are_clamped_not_read_or_written(kernel):
+    """The C kernel bounds what it is handed: a write position past the row writes nothing, and a range past
+    it reads only the row's own positions."""
+    k_cache, v_cache = arena_layer(1, 1, 8, seed=7)
+    before = (k_cache.clone(), v_cache.clone())
+    q, new = torch.ones(1, 1, 1, 8), torch.full((1, 1, 1, 8), 5.0)
+    out = kernel(q, new, new, k_cache, v_cache, torch.tensor([MAX_LEN]), torch.tensor([-3]),
+                 torch.tensor([MAX_LEN + 100]))
+    whole_row = kernel(q, new, new, k_cache, v_cache, torch.tensor([-1]), torch.tensor([0]), torch.tensor([MAX_LEN]))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    assert torch.equal(out, whole_row)

@@ -3,7 +3,7 @@
  *
  * For each (row, head): scores over the row's visible positions [start, end), softmax, weighted sum of the
  * values. Each (row, head) is computed alone with a fixed loop order, so its result does not depend on what
- * else is in the batch. Built by decode_attention.py with -fopenmp: the process's OpenMP runtime is
+ * else is in the batch. Built by native_attention.py with -fopenmp: the process's OpenMP runtime is
  * torch's own libgomp (already loaded, same soname), so the loop shares torch's threads.
  */
 #include <math.h>
@@ -29,6 +29,7 @@ void flover_decode_attention(const float *q,        /* (rows, num_heads, head_di
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < rows * num_kv_heads; item++) {
             const int64_t row = item / num_kv_heads, head = item % num_kv_heads;
+            if (write_pos[row] < 0 || write_pos[row] >= max_positions) continue; /* never outside the row */
             const int64_t at = row * row_stride + head * head_stride + write_pos[row] * head_dim;
             for (int64_t d = 0; d < head_dim; d++) {
                 k_cache[at + d] = k_new[item * head_dim + d];
@@ -44,7 +45,9 @@ void flover_decode_attention(const float *q,        /* (rows, num_heads, head_di
             const int64_t offset = row * row_stride + (head / group) * head_stride;
             const float *keys = k_cache + offset, *values = v_cache + offset;
             float *o = out + item * head_dim;
-            const int64_t start = starts[row], end = ends[row];
+            /* Clamped to the row, so no value handed in can make the kernel read outside the arena. */
+            const int64_t start = starts[row] < 0 ? 0 : starts[row];
+            const int64_t end = ends[row] > max_positions ? max_positions : ends[row];
             for (int64_t d = 0; d < head_dim; d++) acc[d] = 0.0f;
             if (end <= start) {
                 for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
