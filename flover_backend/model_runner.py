@@ -22,8 +22,9 @@ from flover_backend.scheduler import SchedulerOutput
 from flover_backend.triton_env import work_dir
 from flover_backend.workers import WorkerGroup, check_gpus, rank_device
 
-# Prompt chunks are padded to a multiple of this many positions: every new input shape leaves per-shape state
-# behind (oneDNN primitives and more), so prompts of every length made the backend's memory creep up.
+# Forwards that write prompts are padded to a multiple of this many positions (eagerly the whole forward, with
+# CUDA graphs each chunk): every new input shape leaves per-shape state behind (oneDNN primitives and more), so
+# prompts of every length made the backend's memory creep up.
 PREFILL_ALIGN = 8
 # A chunk joins a longer chunk's forward only if that pads it by at most this many positions; past that, its own
 # forward costs less. A forward reads every weight once (~the 1-row decode step, 25 ms for builtin:small here),
@@ -34,6 +35,11 @@ MAX_PREFILL_PADDING = 32
 
 def _aligned(length: int) -> int:
     return -(-length // PREFILL_ALIGN) * PREFILL_ALIGN
+
+
+def _joined(states: list[torch.Tensor]) -> torch.Tensor | None:
+    """Hidden states to sample from, decode rows first, as one tensor; None if there are none."""
+    return torch.cat(states) if len(states) > 1 else states[0] if states else None
 
 
 def prefill_groups(chunk_lens: list[int]) -> list[list[int]]:
@@ -179,7 +185,7 @@ class ModelRunner:
             if len(last_states):
                 states.append(last_states)
         timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
-        return (torch.cat(states) if len(states) > 1 else states[0] if states else None), moved_bytes, timings
+        return _joined(states), moved_bytes, timings
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any."""
@@ -213,7 +219,7 @@ class ModelRunner:
             states.append(self._decoding_rows(plan, hidden[:plan.decode_span]))
         if ends_prompt:
             states.append(hidden[torch.tensor(ends_prompt, device=self.device)])
-        return torch.cat(states) if len(states) > 1 else states[0] if states else None
+        return _joined(states)
 
     def _decode_inputs(self, plan: StepPlan) -> tuple[list[int], list[int], list[int]]:
         """Token, context length and write position of every row in the decode span [0, span).
