@@ -25,13 +25,9 @@ from flover_backend.sampling_params import SamplingParams
 NUM_ROWS, VOCAB_SIZE, TEMPERATURE = 32, 32000, 0.8
 
 
-class PerRowSampler:
-    """BASELINE, not the product: flover_backend/sampler.py's Sampler as it was before issue 15, copied
-    unchanged, so both run side by side on the same machine and logits."""
-
-    def __init__(self, default_seed: int = 0):
-        self._seed_source = torch.Generator().manual_seed(default_seed)
-        self._generators: dict[str, torch.Generator] = {}
+class PerRowSampler(Sampler):
+    """BASELINE, not the product: flover_backend/sampler.py's Sampler as it was before issue 15 (its per-request
+    generators are the Sampler's own, unchanged), so both run side by side on the same machine and logits."""
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """Next token id for each row of `logits` (N, vocab), row i belonging to requests[i]."""
@@ -43,15 +39,6 @@ class PerRowSampler:
             for i, row_logits in zip(sampled, host_logits):
                 token_ids[i] = per_row_sample(row_logits, requests[i].params, self._generator(requests[i]))
         return token_ids
-
-    def _generator(self, request: Request) -> torch.Generator:
-        generator = self._generators.get(request.req_id)
-        if generator is None:
-            seed = request.params.seed
-            if seed is None:
-                seed = int(torch.randint(2**62, (1,), generator=self._seed_source))
-            generator = self._generators[request.req_id] = torch.Generator().manual_seed(seed)
-        return generator
 
 
 def per_row_sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -110,9 +110,12 @@ class ForwardBatch:
         It comes from the host: working it out from `context_lens` would read the device, which a CUDA
         graph cannot.
         """
-        key_range = torch.arange(num_keys, device=context_lens.device)
-        hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
-        key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden, -torch.inf)
+        key_bias = None  # the kernel reads each row's own positions: no mask to build
+        if kernel is None:
+            key_range = torch.arange(num_keys, device=context_lens.device)
+            hidden = (key_range[None, :] > context_lens[:, None])[:, None, None, :]
+            key_bias = torch.zeros(hidden.shape, dtype=dtype, device=context_lens.device).masked_fill_(hidden,
+                                                                                                      -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
                    write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias,
                    kernel=kernel)
