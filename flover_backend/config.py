@@ -27,7 +27,8 @@ class EngineConfig:
     seed: int = 0  # seed for requests that ask for sampling without their own seed
     tensor_parallel_size: int = 1  # ranks that split the model's heads and MLP columns
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
-    native_attention: bool = True  # CPU fp32 decode attention in the compiled kernel (layers/decode_attention.c)
+    native_attention: bool = True  # CPU fp32 decode attention in the compiled kernel (native/decode_attention.c)
+    native_sampling: bool = True  # CPU sampling pass (top-k / top-p floors, race) in native/sampling.c
     max_prefill_tokens: int = 256  # prompt tokens written per iteration (chunked prefill); 0: whole prompts
     max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
     max_prompt_bytes: int = 0  # a text prompt's UTF-8 bytes, checked before tokenizing; 0: 32 x max_model_len

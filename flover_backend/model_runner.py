@@ -11,11 +11,12 @@ import torch
 from flover_backend.config import EngineConfig
 from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
-from flover_backend.layers import native_attention
 from flover_backend.layers.attention import ForwardBatch
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
+from flover_backend.native import attention as native_attention
+from flover_backend.native import sampling as native_sampling
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
@@ -122,9 +123,12 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.sampler = Sampler(config.seed, eos_token_ids(model_config))
-        # Built (or found built) now, so the compiler never runs inside a step under load.
-        self.attention_kernel = (native_attention.load(work_dir().parent / "kernels")
+        # Kernels are built (or found built) now, so the compiler never runs inside a step under load.
+        kernels_dir = work_dir().parent / "kernels"
+        sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
+            else None
+        self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
+        self.attention_kernel = (native_attention.load(kernels_dir)
                                  if config.native_attention and native_attention.supports_arena(self.arena.tensor)
                                  else None)
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last

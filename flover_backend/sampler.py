@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from flover_backend.logprobs import TokenLogprobs, token_logprobs
+from flover_backend.native.sampling import SamplingKernel
 from flover_backend.penalties import TokenCounts, apply_penalties, mask_stop_tokens, min_tokens_blocked
 from flover_backend.request import Request
 from flover_backend.sampling_batch import SamplingBatch
@@ -30,7 +31,9 @@ class Sampler:
     depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties or
     short of their min_tokens draw (greedy ones too) from their own adjusted copy of their logits."""
 
-    def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset(),
+                 kernel: SamplingKernel | None = None):
+        self.kernel = kernel  # the CPU sampling pass; torch's operators without it
         self._seed_source = torch.Generator().manual_seed(default_seed)
         self._generators: dict[str, torch.Generator] = {}
         self.eos_token_ids = eos_token_ids  # masked until min_tokens
@@ -102,7 +105,7 @@ class Sampler:
         """Draw the tokens of `rows` (requests[i] owning rows[i], its logits picked[i]) in one batched pass."""
         batch = SamplingBatch.build([r.params for r in requests], [self._generator(r) for r in requests],
                                     picked.shape[-1], picked.device)
-        token_ids, failed = sample_rows(picked.float(), batch)
+        token_ids, failed = sample_rows(picked.float(), batch, self.kernel)
         for row, request, token_id, row_failed in zip(rows, requests, token_ids.tolist(), failed.tolist()):
             if row_failed:
                 out.errors[row] = (f"cannot sample: the logits are not finite, or not once divided by the "

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from flover_backend.native.sampling import SamplingKernel
 from flover_backend.sampling_batch import BLOCK_SIZE, SamplingBatch
 
 _NEG_INF = float("-inf")
@@ -28,9 +29,11 @@ _WIDER_NUCLEUS_WINDOWS = (1024, 4096)
 _BLOCK_MASS_SPAN = math.log(BLOCK_SIZE) + 1e-3
 
 
-def sample_rows(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, batch: SamplingBatch,
+                kernel: SamplingKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw a token for each row of float32 `logits` (n, vocab); returns the token ids (n,) and a mask of
-    the rows that could not be sampled (NaN or inf logits, or inf once divided by the temperature)."""
+    the rows that could not be sampled (NaN or inf logits, or inf once divided by the temperature). The
+    floors and the race run in `kernel` where one is given and the logits are on the CPU."""
     blocks = _as_blocks(logits)  # (n, num_blocks, BLOCK_SIZE)
     block_max = blocks.amax(-1)  # (n, num_blocks); amax keeps a NaN
     top = block_max.amax(-1, keepdim=True) / batch.temperature[:, None]  # (n, 1): largest scaled logit
@@ -39,6 +42,10 @@ def sample_rows(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tenso
         blocks = blocks.masked_fill(failed[:, None, None], 0.0)
         block_max = block_max.masked_fill(failed[:, None], 0.0)
         top = top.masked_fill(failed[:, None], 0.0)
+    if kernel is not None and logits.device.type == "cpu":
+        token_ids, _ = kernel(blocks.flatten(1), batch.temperature, top[:, 0], batch.top_k, batch.top_p,
+                              batch.log_noise, BLOCK_SIZE)
+        return token_ids, failed
     floor = None  # keep every token
     if batch.window:
         ranked = _top_values(blocks, block_max, batch.window)

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flover_backend import EngineConfig, SamplingParams
-from flover_backend.layers import native_attention
 from flover_backend.layers.attention import ForwardBatch, arena_attention
+from flover_backend.native import attention as native_attention
 from flover_backend.triton_env import work_dir
 from tests.test_engine import PROMPTS, run_staggered, token_ids
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.native import sampling as native_sampling
 from flover_backend.request import Request
 from flover_backend.sampler import Sampler
+from flover_backend.triton_env import work_dir
 
 NAN, INF = float("nan"), float("inf")
 SIX_LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0]
@@ -18,13 +20,24 @@ SIX_LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0]
 CHI2_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 
+@pytest.fixture(params=["torch-pass", "kernel-pass"])
+def new_sampler(request):
+    """Makes Samplers that run the sampling pass with torch's operators, or in the CPU kernel."""
+    kernel = None
+    if request.param == "kernel-pass":
+        kernel = native_sampling.load(work_dir().parent / "kernels")
+        assert kernel is not None, "the kernel must build where the tests run"
+    return lambda: Sampler(kernel=kernel)
+
+
 def requests_for(params: list[SamplingParams]) -> list[Request]:
     return [Request(f"req-{i}", [1], p) for i, p in enumerate(params)]
 
 
-def draw(logits: list[float], params: SamplingParams, num_requests: int = 2000, steps: int = 10) -> np.ndarray:
+def draw(new_sampler, logits: list[float], params: SamplingParams, num_requests: int = 2000,
+         steps: int = 10) -> np.ndarray:
     """Token counts from `num_requests` requests (seeds 0..) drawing `steps` tokens each from fixed logits."""
-    sampler = Sampler()
+    sampler = new_sampler()
     requests = requests_for([replace(params, seed=seed) for seed in range(num_requests)])
     batch = torch.tensor(logits).expand(num_requests, -1).contiguous()
     counts = np.zeros(len(logits))
@@ -51,65 +64,65 @@ def renormalized(logits: dict[int, float], temperature: float = 1.0) -> dict[int
     return {t: w / total for t, w in weights.items()}
 
 
-def test_temperature_alone_follows_the_softmax():
-    counts = draw(SIX_LOGITS, SamplingParams(temperature=0.7))
+def test_temperature_alone_follows_the_softmax(new_sampler):
+    counts = draw(new_sampler, SIX_LOGITS, SamplingParams(temperature=0.7))
     assert_matches(counts, renormalized(dict(enumerate(SIX_LOGITS)), temperature=0.7))
 
 
-def test_top_k_keeps_the_k_most_likely():
+def test_top_k_keeps_the_k_most_likely(new_sampler):
     # Kept: logits 2.0, 1.5, 1.0 -> e^2, e^1.5, e^1 over their sum = 0.5065, 0.3072, 0.1863.
-    counts = draw(SIX_LOGITS, SamplingParams(temperature=1.0, top_k=3))
+    counts = draw(new_sampler, SIX_LOGITS, SamplingParams(temperature=1.0, top_k=3))
     assert_matches(counts, {0: 0.5065, 1: 0.3072, 2: 0.1863})
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
+def test_top_p_keeps_the_smallest_set_reaching_p(new_sampler):
     # softmax = .4197 .2546 .1544 .0936 .0568 .0209; mass before each: 0 .4197 .6743 .8287 .9223: under 0.85 for
     # the first four, so those stay: .4197 .2546 .1544 .0936 over .9223.
-    counts = draw(SIX_LOGITS, SamplingParams(temperature=1.0, top_p=0.85))
+    counts = draw(new_sampler, SIX_LOGITS, SamplingParams(temperature=1.0, top_p=0.85))
     assert_matches(counts, {0: 0.4551, 1: 0.2760, 2: 0.1674, 3: 0.1015})
 
 
-def test_top_p_applies_within_top_k():
+def test_top_p_applies_within_top_k(new_sampler):
     # At temperature 2, top_k 5 keeps logits 2 .. 0: weights e^(v/2) = 2.718 2.117 1.649 1.284 1.000, total 8.768,
     # so p = .3100 .2414 .1881 .1465 .1141; mass before: 0 .3100 .5514 .7395: under 0.6 for the first three.
-    counts = draw(SIX_LOGITS, SamplingParams(temperature=2.0, top_k=5, top_p=0.6))
+    counts = draw(new_sampler, SIX_LOGITS, SamplingParams(temperature=2.0, top_k=5, top_p=0.6))
     assert_matches(counts, renormalized({0: 2.0, 1: 1.5, 2: 1.0}, temperature=2.0))
 
 
-def test_kept_tokens_spread_over_many_blocks():
+def test_kept_tokens_spread_over_many_blocks(new_sampler):
     """A vocabulary of 1000 (8 blocks of 128, the last padded): the race between blocks is exact too."""
     logits = [-30.0] * 1000
     spread = {3: 1.0, 200: 2.0, 390: 0.5, 777: 1.5, 999: 0.0}
     for token_id, value in spread.items():
         logits[token_id] = value
-    assert_matches(draw(logits, SamplingParams(temperature=1.0)), renormalized(spread))
-    assert_matches(draw(logits, SamplingParams(temperature=1.0, top_k=3)),
+    assert_matches(draw(new_sampler, logits, SamplingParams(temperature=1.0)), renormalized(spread))
+    assert_matches(draw(new_sampler, logits, SamplingParams(temperature=1.0, top_k=3)),
                    renormalized({200: 2.0, 777: 1.5, 3: 1.0}))
 
 
-def test_many_small_tokens_outweigh_one_large_one():
+def test_many_small_tokens_outweigh_one_large_one(new_sampler):
     """Block 0 holds one token of logit 1, block 1 a hundred of logit 0: the race between blocks weighs whole
     blocks, not their best tokens (e / (e + 100) = 0.0265 for the lone token)."""
     logits = [-30.0] * 256
     logits[0] = 1.0
     logits[128:228] = [0.0] * 100
-    counts = draw(logits, SamplingParams(temperature=1.0))
+    counts = draw(new_sampler, logits, SamplingParams(temperature=1.0))
     lone = np.e / (np.e + 100)
     assert_matches(np.array([counts[0], counts[128:228].sum()]), {0: lone, 1: 1 - lone})
     assert counts.sum() == counts[0] + counts[128:228].sum()
 
 
-def test_ties_with_the_kth_stay():
-    counts = draw([1.0, 3.0, 1.0, 0.0, 1.0], SamplingParams(temperature=1.0, top_k=2))
+def test_ties_with_the_kth_stay(new_sampler):
+    counts = draw(new_sampler, [1.0, 3.0, 1.0, 0.0, 1.0], SamplingParams(temperature=1.0, top_k=2))
     assert_matches(counts, renormalized({0: 1.0, 1: 3.0, 2: 1.0, 4: 1.0}))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-38, 1e-6])
-def test_zero_and_tiny_temperatures_take_the_argmax(temperature):
+def test_zero_and_tiny_temperatures_take_the_argmax(new_sampler, temperature):
     logits = torch.randn(8, 32000, generator=torch.Generator().manual_seed(3)) * 1e3  # overflows at 1e-38
     params = [SamplingParams(temperature=temperature, seed=i) for i in range(8)]
     assert all(p.greedy for p in params)
-    out = Sampler()(logits, requests_for(params))
+    out = new_sampler()(logits, requests_for(params))
     assert out.token_ids == logits.argmax(-1).tolist() and not out.errors
 
 
@@ -117,16 +130,16 @@ def random_logits(num_rows: int, seed: int, vocab: int = 32000, scale: float = 3
     return torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def run_steps(requests: list[Request], logits_per_step: list[torch.Tensor]) -> list[list[int]]:
+def run_steps(new_sampler, requests: list[Request], logits_per_step: list[torch.Tensor]) -> list[list[int]]:
     """Each request's tokens over the steps, from one sampler."""
-    sampler = Sampler()
+    sampler = new_sampler()
     return np.array([sampler(logits, requests).token_ids for logits in logits_per_step]).T.tolist()
 
 
-def test_a_seed_repeats_and_other_seeds_differ():
+def test_a_seed_repeats_and_other_seeds_differ(new_sampler):
     steps = [random_logits(1, seed).expand(3, -1).contiguous() for seed in range(6)]
     params = [SamplingParams(temperature=1.0, top_k=50, seed=s) for s in (5, 5, 6)]
-    tokens = run_steps(requests_for(params), steps)
+    tokens = run_steps(new_sampler, requests_for(params), steps)
     assert tokens[0] == tokens[1] != tokens[2]
 
 
@@ -137,25 +150,25 @@ TARGETS = [SamplingParams(temperature=0.9, seed=41),
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=["temperature", "top_k", "top_p", "top_k+top_p"])
-def test_a_row_draws_the_same_alone_or_in_any_batch(target):
+def test_a_row_draws_the_same_alone_or_in_any_batch(new_sampler, target):
     """Same logits and seed: the same tokens alone, and at another place among rows of every other kind."""
     others = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1000, seed=1),
               SamplingParams(temperature=2.0, top_p=0.5, seed=2), SamplingParams(temperature=0.5, top_k=3, seed=3),
               SamplingParams(temperature=1.0, seed=4), SamplingParams(temperature=0.3, top_k=7, top_p=0.95)]
     steps = [random_logits(1 + len(others), seed) for seed in range(8)]
     steps[3][0] *= 0.05  # a flat step: its nucleus outgrows the first window
-    alone = run_steps(requests_for([target]), [logits[:1] for logits in steps])
+    alone = run_steps(new_sampler, requests_for([target]), [logits[:1] for logits in steps])
     for place in (0, 3, len(others)):
         params = others[:place] + [target] + others[place:]
         moved = [torch.cat([logits[1:place + 1], logits[:1], logits[place + 1:]]) for logits in steps]
-        assert run_steps(requests_for(params), moved)[place] == alone[0]
+        assert run_steps(new_sampler, requests_for(params), moved)[place] == alone[0]
 
 
-def test_wide_nucleus_keeps_exactly_the_top_p_mass():
+def test_wide_nucleus_keeps_exactly_the_top_p_mass(new_sampler):
     """Nuclei wider than the first window (and than the second) are cut where a full sort cuts them."""
     logits = torch.cat([random_logits(2, 9, scale=1.0), random_logits(2, 10, scale=2.5)])
     params = [SamplingParams(temperature=1.0, top_p=0.5, seed=s) for s in range(4)]
-    sampler, requests = Sampler(), requests_for(params)
+    sampler, requests = new_sampler(), requests_for(params)
     probs = logits.softmax(-1).double()
     ordered, order = probs.sort(-1, descending=True)
     nucleus_size = ((ordered.cumsum(-1) - ordered) < 0.5).sum(-1)
@@ -180,19 +193,19 @@ def allowed(logits: torch.Tensor, params: SamplingParams, slack: float = 1e-3) -
     return set(keep.nonzero()[:, 0].tolist())
 
 
-def test_drawn_tokens_stay_inside_the_cut_even_among_ties():
+def test_drawn_tokens_stay_inside_the_cut_even_among_ties(new_sampler):
     """bfloat16-rounded logits tie often, at the k-th and at the nucleus' edge."""
     params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=i)
               for i, (t, k, p) in enumerate([(1.0, 1, 1.0), (0.7, 5, 1.0), (1.0, 50, 0.9), (1.5, 200, 0.5),
                                              (0.9, 0, 0.5), (1.0, 0, 0.95), (0.5, 3, 0.3), (2.0, 1000, 1.0)])]
-    sampler, requests = Sampler(), requests_for(params)
+    sampler, requests = new_sampler(), requests_for(params)
     for step in range(6):
         logits = random_logits(len(params), 20 + step, scale=2.0).bfloat16().float()
         for row, token_id in enumerate(sampler(logits, requests).token_ids):
             assert token_id in allowed(logits[row], params[row]), (step, params[row])
 
 
-def test_a_row_that_cannot_be_sampled_fails_alone():
+def test_a_row_that_cannot_be_sampled_fails_alone(new_sampler):
     logits = random_logits(6, 0)
     logits[1, 17] = NAN  # sampled
     logits[2, 5] = NAN  # greedy
@@ -201,10 +214,10 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     params = [SamplingParams(temperature=1.0, top_k=20, seed=0), SamplingParams(temperature=1.0, seed=1),
               SamplingParams(), SamplingParams(temperature=0.5, top_p=0.9, seed=3),
               SamplingParams(temperature=1e-5, seed=4), SamplingParams(temperature=0.9, seed=5)]
-    out = Sampler()(logits, requests_for(params))
+    out = new_sampler()(logits, requests_for(params))
     assert sorted(out.errors) == [1, 2, 3, 4]
     assert all("not finite" in message for message in out.errors.values())
-    healthy = Sampler()(logits[[0, 5]], requests_for([params[0], params[5]])).token_ids
+    healthy = new_sampler()(logits[[0, 5]], requests_for([params[0], params[5]])).token_ids
     assert [out.token_ids[0], out.token_ids[5]] == healthy
 
 
@@ -215,8 +228,8 @@ def test_same_tokens_from_logits_on_the_gpu():
     params = [SamplingParams(), *TARGETS, SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=9)]
     steps = [random_logits(len(params), seed) for seed in range(4)]
     steps[1][2] = NAN
-    on_cpu = run_steps(requests_for(params), steps)
-    assert run_steps(requests_for(params), [logits.cuda() for logits in steps]) == on_cpu
+    on_cpu = run_steps(Sampler, requests_for(params), steps)
+    assert run_steps(Sampler, requests_for(params), [logits.cuda() for logits in steps]) == on_cpu
 
 
 # ----- through the engine -----

@@ -90,13 +90,17 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_nothing_below_imports_above():
-    """engine -> scheduler / runner -> model -> layers: layers import no model, models nothing above them."""
+    """engine -> scheduler / runner -> model -> layers -> native: layers import no model, models nothing above
+    them, and the C kernels' wrappers nothing of the package but each other."""
     for module, imports in import_graph().items():
+        if module.startswith("flover_backend.native"):
+            assert all(name.startswith("flover_backend.native") for name in imports), (module, imports)
         if module.startswith("flover_backend.layers"):
-            assert all(name.startswith("flover_backend.layers") for name in imports), (module, imports)
-        if module.startswith("flover_backend.models"):
-            assert all(name.startswith(("flover_backend.models", "flover_backend.layers")) for name in imports), (
+            assert all(name.startswith(("flover_backend.layers", "flover_backend.native")) for name in imports), (
                 module, imports)
+        if module.startswith("flover_backend.models"):
+            assert all(name.startswith(("flover_backend.models", "flover_backend.layers", "flover_backend.native"))
+                       for name in imports), (module, imports)
         if not module.startswith("flover_backend.triton_model"):
             assert not any(name.startswith("flover_backend.triton_model") for name in imports), (module, imports)
 

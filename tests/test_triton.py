@@ -331,13 +331,17 @@ def test_arena_gauges_and_compaction_follow_the_rows(server):
     assert sum(len(chunk.token_ids) for chunk in short) == 5
     assert sum(len(chunk.token_ids) for chunk in long) == 20
 
-    def settled() -> bool:
+    def settled() -> str | None:
+        """The metrics page once every figure the test reads has been published (one update is many round trips
+        to the server, so a scrape can land inside one)."""
         page = metrics_page(server)
-        return (metric(server, "flover_arena_rows_in_use", model, page=page) == 0
-                and metric(server, "flover_compaction_seconds_count", model, page=page) == compactions + 1)
+        published = (metric(server, "flover_arena_rows_in_use", model, page=page) == 0
+                     and metric(server, "flover_compaction_seconds_count", model, page=page) == compactions + 1
+                     and metric(server, "flover_compaction_bytes_total", model, page=page) != moved)
+        return page if published else None
 
-    assert wait_for(settled)
-    page = metrics_page(server)
+    page = wait_for(settled)
+    assert page
     # When the short one left, the long one held its prompt and 4 of its 5 tokens so far.
     assert metric(server, "flover_compaction_bytes_total", model, page=page) - moved == (
         (len(long_ids) + 4) * bytes_per_position)

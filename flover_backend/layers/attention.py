@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from flover_backend.layers.native_attention import DecodeAttentionKernel
+from flover_backend.native.attention import DecodeAttentionKernel
 
 
 @dataclass

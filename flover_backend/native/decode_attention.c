@@ -3,7 +3,7 @@
  *
  * For each (row, head): scores over the row's visible positions [start, end), softmax, weighted sum of the
  * values. Each (row, head) is computed alone with a fixed loop order, so its result does not depend on what
- * else is in the batch. Built by native_attention.py with -fopenmp: the process's OpenMP runtime is
+ * else is in the batch. Built by attention.py with -fopenmp (see build.py): the process's OpenMP runtime is
  * torch's own libgomp (already loaded, same soname), so the loop shares torch's threads.
  */
 #include <math.h>

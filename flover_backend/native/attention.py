@@ -10,46 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from flover_backend.native.build import load_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
-# -march=native: the library is built on, and cached for, the machine that runs it (the key holds its CPU flags).
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 _INT64, _FLOAT, _POINTER = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def library_path(build_dir: Path) -> Path:
-    """Where this source, built with these flags for this CPU, is cached under `build_dir`."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return build_dir / f"decode_attention-{key}.so"
-
-
-def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC", "cc")
-    # Built beside the target and renamed onto it: processes starting together never load a half-written file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
-        built.replace(target)
 
 
 class DecodeAttentionKernel:
@@ -80,15 +48,8 @@ class DecodeAttentionKernel:
 @functools.cache
 def load(build_dir: Path) -> DecodeAttentionKernel | None:
     """The kernel, built into `build_dir` on first use; None (logged once) where it cannot be built or loaded."""
-    target = library_path(build_dir)
-    try:
-        if not target.exists():
-            _build(target)
-        return DecodeAttentionKernel(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("the CPU decode-attention kernel is unavailable (%s); using batched matmuls", detail)
-        return None
+    library = load_library(SOURCE, build_dir)
+    return None if library is None else DecodeAttentionKernel(library)
 
 
 def supports_arena(arena: torch.Tensor) -> bool:
