@@ -39,9 +39,11 @@ def exact_floor(row: np.ndarray, temperature: float, top_k: int, top_p: float) -
 
 
 def floors(kernel, logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float]):
-    """The kernel's floor for each row of `logits` under these settings."""
+    """The kernel's floor for each row of `logits` under these settings (the vocabulary padded to whole blocks
+    with -inf, as the sampling pass hands it)."""
     temperature = torch.tensor(temperature, dtype=torch.float32)
     top = logits.amax(-1) / temperature
+    logits = torch.nn.functional.pad(logits, (0, -logits.shape[1] % BLOCK_SIZE), value=-np.inf)
     noise = torch.zeros(len(logits), num_blocks(logits.shape[1]) + BLOCK_SIZE)
     return kernel(logits, temperature, top, torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32), noise,
                   BLOCK_SIZE)[1]
@@ -121,3 +123,10 @@ def test_without_a_compiler_the_engine_samples_with_torch(tmp_path, monkeypatch)
     without_kernel, used = serve()
     assert not used and not list((tmp_path / "kernels").glob("*.so"))
     assert without_kernel == with_kernel
+
+
+def test_a_vocabulary_of_partial_blocks_is_refused(kernel):
+    logits = torch.zeros(1, 200)
+    with pytest.raises(ValueError, match="whole blocks"):
+        kernel(logits, torch.ones(1), torch.zeros(1), torch.zeros(1, dtype=torch.int64), torch.ones(1),
+               torch.zeros(1, 2 + BLOCK_SIZE), BLOCK_SIZE)
