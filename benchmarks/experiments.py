@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.inprocess import decode_sweep, measure
 from benchmarks.peers import against_vllm, perf_reports
 from benchmarks.report import peer_section, write_report
-from clients.loadgen import replay, triton_sender
+from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
 from flover_backend.ports import find_free_port
@@ -56,13 +56,15 @@ class Bench:
         self.server = server
         self.show_progress = show_progress
 
-    def run(self, model: str, trace, label: str, sampled: bool = False) -> tuple[list[RequestTiming], dict]:
-        """Replay `trace` against `model` (greedy, or sampled as most traffic is); return the timings and the
-        summary with the model's iterations."""
+    def run(self, model: str, trace, label: str, sampled: bool = False,
+            over_http: bool = False) -> tuple[list[RequestTiming], dict]:
+        """Replay `trace` against `model` (greedy, or sampled as most traffic is) over gRPC, or HTTP server-sent
+        events; return the timings and the summary with the model's iterations."""
         before = self.metric("flover_iterations_total", model)
         moved_before = self.metric("flover_compaction_bytes_total", model)
-        timings = replay(trace, triton_sender(self.server.grpc_url, model, sampled), label=label,
-                         show_progress=self.show_progress)
+        sender = (triton_http_sender(self.server.http_url, model, sampled) if over_http
+                  else triton_sender(self.server.grpc_url, model, sampled))
+        timings = replay(trace, sender, label=label, show_progress=self.show_progress)
         time.sleep(0.1)  # metrics are published every few tens of milliseconds
         summary = summarize(timings) | {
             "iterations": self.metric("flover_iterations_total", model) - before,

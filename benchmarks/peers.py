@@ -57,7 +57,8 @@ def against_vllm(bench, repeats: int = 3) -> dict:
         for attempt in range(repeats):
             for case in cases:
                 label = f"exp6 {case.name} run {attempt + 1}"
-                timings, summary = bench.run("flover", case.trace, f"{label} flover", case.sampled)
+                # Both sides stream server-sent events over HTTP, so their clients cost the shared cores alike.
+                timings, summary = bench.run("flover", case.trace, f"{label} flover", case.sampled, over_http=True)
                 runs[case.name]["flover"].append(_pick(summary, case.trace, timings))
                 timings = replay(case.trace, openai_sender(vllm.base_url, "builtin-small", case.sampled),
                                  label=f"{label} vllm", show_progress=False)

@@ -1,7 +1,8 @@
 """Load generator: replay a trace (constant or Poisson arrivals) against a server, recording every token's time.
 
-Targets: a flover model over gRPC streaming (`triton`), or any OpenAI-compatible server such as vLLM's
-(`openai`, streamed `/v1/completions` with the prompt as token ids), so peers face the very same trace.
+Targets: a flover model over gRPC streaming (`triton`) or HTTP `generate_stream` (`triton-http`), or any
+OpenAI-compatible server such as vLLM's (`openai`, streamed `/v1/completions` with the prompt as token ids), so
+peers face the very same trace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.triton_stream import stream_grpc
+from clients.triton_stream import stream_grpc, stream_http
 from clients.workload import RequestTiming, TraceRequest, make_trace, summarize
 
 Sender = Callable[[TraceRequest, RequestTiming], None]
@@ -32,9 +33,20 @@ def sampling_fields(item: TraceRequest, sampled: bool) -> dict:
 
 def triton_sender(url: str, model: str, sampled: bool = False) -> Sender:
     """Send a trace request to a flover model over gRPC streaming, stamping each token as it arrives."""
+    return _chunk_sender(stream_grpc, url, model, sampled)
+
+
+def triton_http_sender(url: str, model: str, sampled: bool = False) -> Sender:
+    """Send a trace request to a flover model over HTTP `generate_stream` (server-sent events), stamping each
+    token as it arrives. Per token it costs the client ~3.5x less CPU than tritonclient's gRPC stream (0.08
+    against 0.28 ms on the 2-core EPYC), which matters when client and server share the cores."""
+    return _chunk_sender(stream_http, url, model, sampled)
+
+
+def _chunk_sender(stream, url: str, model: str, sampled: bool) -> Sender:
     def send(item: TraceRequest, timing: RequestTiming) -> None:
-        chunks = stream_grpc(url, model, input_ids=list(item.prompt_token_ids), max_tokens=item.max_tokens,
-                             ignore_eos=True, **sampling_fields(item, sampled))
+        chunks = stream(url, model, input_ids=list(item.prompt_token_ids), max_tokens=item.max_tokens,
+                        ignore_eos=True, **sampling_fields(item, sampled))
         for chunk in chunks:
             now = time.monotonic()
             timing.token_times.extend([now] * len(chunk.token_ids))
@@ -65,6 +77,9 @@ def openai_sender(base_url: str, model: str, sampled: bool = False) -> Sender:
                 timing.token_times.extend([now] * (len(ids) if ids is not None else int(choice.get("text") is not None)))
                 timing.finish_reason = choice.get("finish_reason") or timing.finish_reason
     return send
+
+
+SENDERS = {"triton": triton_sender, "triton-http": triton_http_sender, "openai": openai_sender}
 
 
 def replay(trace: list[TraceRequest], send: Sender, label: str = "requests", show_progress: bool = True,
@@ -109,8 +124,10 @@ def replay(trace: list[TraceRequest], send: Sender, label: str = "requests", sho
 def main(argv: list[str] | None = None) -> int:
     """CLI: replay one generated trace against a server and print its summary as JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=["triton", "openai"], default="triton")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port, or the OpenAI server's base URL")
+    parser.add_argument("--target", choices=list(SENDERS), default="triton")
+    parser.add_argument("--url", default="127.0.0.1:8001",
+                        help="gRPC host:port (triton), or the base URL of Triton's HTTP port (triton-http) or of "
+                             "the OpenAI server (openai)")
     parser.add_argument("--model", default="flover")
     parser.add_argument("--num-requests", type=int, default=16)
     arrivals = parser.add_mutually_exclusive_group()
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = make_trace(args.num_requests, interval_s=interval,
                        mean_gap_s=args.mean_gap_ms / 1000 if args.mean_gap_ms is not None else None,
                        gen_len=tuple(args.gen_len), prompt_len=args.prompt_len, seed=args.seed)
-    send = triton_sender(args.url, args.model) if args.target == "triton" else openai_sender(args.url, args.model)
+    send = SENDERS[args.target](args.url, args.model)
     timings = replay(trace, send, label=args.model)
     summary = summarize(timings)
     print(json.dumps(summary, indent=2))

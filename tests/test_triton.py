@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
 from clients.triton_stream import (
     GrpcStream,
@@ -25,6 +26,7 @@ from clients.triton_stream import (
     stream_grpc,
     stream_http,
 )
+from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.ports import find_free_port
 from flover_backend.repository import derive_repository
@@ -409,3 +411,15 @@ def test_lost_tensor_parallel_worker_fails_requests_clearly_and_unloads_the_mode
     assert sum(len(c.token_ids) for c in chunks) == 3
     assert http_status(server, "/v2/models/flover/ready") == 200
     assert http_status(server, "/v2/health/ready") == 400  # strict readiness: a probe takes this replica out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_load_generator_replays_a_trace_and_stamps_every_token(server, protocol):
+    trace = make_trace(3, interval_s=0.0, gen_len=(3, 7), seed=2)
+    sender = (triton_sender(server.grpc_url, "flover", sampled=True) if protocol == "grpc"
+              else triton_http_sender(server.http_url, "flover", sampled=True))
+    timings = replay(trace, sender, show_progress=False)
+    assert [t.num_tokens for t in timings] == [item.max_tokens for item in trace]
+    for timing in timings:
+        assert timing.arrival <= timing.token_times[0] and timing.token_times == sorted(timing.token_times)
+        assert timing.finish_reason == "length" and timing.end >= timing.token_times[-1]
