@@ -93,7 +93,8 @@ def peer_section(peer: dict) -> list[str]:
     lines = ["## 6. Against vLLM's CPU build: same checkpoint, same traces, alternating runs", "",
              (f"vLLM: {peer['vllm']}. Each side's best run of {repeats} by tokens/s; ITL is the gap between two "
               "tokens of a stream. Both sides stream server-sent events over HTTP: flover Triton's "
-              "`generate_stream`, vLLM `/v1/completions`."), ""]
+              "`generate_stream`, vLLM `/v1/completions`. Each run sends prompts neither side has seen (the same "
+              "arrivals and lengths each run), since vLLM's prefix cache would serve a replayed prompt."), ""]
     rows = []
     for name, case in peer["cases"].items():
         best = {side: max(runs, key=lambda r: r["tokens_per_s"]) for side, runs in case["runs"].items()}

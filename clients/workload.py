@@ -28,21 +28,24 @@ def make_trace(
     gen_len: tuple[int, int] = (128, 128),
     prompt_len: int | tuple[int, int] = 16,
     seed: int = 0,
+    prompt_seed: int | None = None,
 ) -> list[TraceRequest]:
     """A replayable trace: arrivals every `interval_s`, or Poisson with mean gap `mean_gap_s`; output lengths
-    ~ U(a, b), prompt lengths fixed or ~ U(a, b)."""
+    ~ U(a, b), prompt lengths fixed or ~ U(a, b). The prompts' tokens come from `prompt_seed` where given
+    (traces with one `seed` and other prompt seeds share arrivals and lengths), else from `seed` like the rest."""
     if (interval_s is None) == (mean_gap_s is None):
         raise ValueError("give exactly one of interval_s (constant arrivals) or mean_gap_s (Poisson)")
     low, high = gen_len
     if not 1 <= low <= high:
         raise ValueError(f"gen_len must satisfy 1 <= a <= b, got {gen_len}")
     rng = random.Random(seed)
+    prompt_rng = rng if prompt_seed is None else random.Random(prompt_seed)
     trace, clock = [], 0.0
     for index in range(num_requests):
         if index:
             clock += interval_s if interval_s is not None else rng.expovariate(1.0 / mean_gap_s)
         length = prompt_len if isinstance(prompt_len, int) else rng.randint(*prompt_len)
-        prompt = tuple(rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(length))
+        prompt = tuple(prompt_rng.randint(*PROMPT_TOKEN_RANGE) for _ in range(length))
         trace.append(TraceRequest(index, clock, prompt, rng.randint(low, high)))
     return trace
 
