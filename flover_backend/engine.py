@@ -8,12 +8,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
+from flover_backend.engine_thread import EngineThread
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
@@ -62,11 +65,15 @@ class Engine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         model_path = resolve_model_path(config.model)
         self.tokenizer = load_tokenizer(model_path)
-        self.runner = ModelRunner(config, model_path)
+        # Every torch call of this engine runs on this one thread (see engine_thread for why).
+        self._torch_thread = EngineThread()
+        try:
+            self.runner = self._torch_thread.call(lambda: self._load_runner(model_path))
+        except BaseException:
+            self._torch_thread.close()
+            raise
         model_config = self.runner.model.config
         if config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
@@ -81,7 +88,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._loop_done: Future | None = None  # the loop's, while it runs
         # Orders add_request's check-and-queue against shutdown's last drain, so no request slips in unanswered.
         self._lock = threading.Lock()
         self._stopping = False
@@ -137,21 +144,21 @@ class Engine:
         return _until_finished(outputs)
 
     def start(self) -> Engine:
-        """Start the loop thread."""
-        self._thread = threading.Thread(target=self._loop, name="flover-loop", daemon=True)
-        self._thread.start()
+        """Start the loop on the engine's thread."""
+        self._loop_done = self._torch_thread.submit(self._loop)
         return self
 
     def stop(self) -> None:
         """Stop the loop; requests still in flight end with finish_reason 'abort'."""
         self._stopping = True
         self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join()  # the loop ends what is in flight on its way out
-            self._thread = None
+        if self._loop_done is not None:
+            self._loop_done.result()  # the loop ends what is in flight on its way out
+            self._loop_done = None
         else:
             self._shutdown(RequestStatus.FINISHED_ABORT, None)  # driven by hand: end it here
-        self.runner.close()
+        self._torch_thread.call(self.runner.close)
+        self._torch_thread.close()
 
     def __enter__(self):  # unannotated: typing.Self needs Python 3.11
         return self.start()
@@ -160,15 +167,19 @@ class Engine:
         self.stop()
 
     def run_until_idle(self) -> None:
-        """Run iterations on the calling thread until every queued request has finished (no loop thread)."""
-        assert self._thread is None, "the loop thread is running"
+        """Run iterations until every queued request has finished (the loop not started)."""
+        assert self._loop_done is None, "the loop is running"
         while self.step() or self.scheduler.has_work():
             time.sleep(self.scheduler.seconds_until_admission(time.monotonic()) or 0.0)
 
     # ----- the loop -----
 
     def step(self) -> bool:
-        """One iteration: schedule at the boundary, execute, postprocess, emit; False if there was nothing to do."""
+        """One iteration: schedule at the boundary, execute, postprocess, emit; False if there was nothing to do.
+        Runs on the engine's thread (callers wait for it); for driving an engine whose loop is not started."""
+        return self._torch_thread.call(self._step)
+
+    def _step(self) -> bool:
         started = time.perf_counter()
         self._drain_inbox()
         out = self.scheduler.schedule(time.monotonic())
@@ -182,7 +193,7 @@ class Engine:
         try:
             self.runner.bind_thread()  # the current GPU is per thread, and this thread runs every forward
             while not self._stopping:
-                if not self.step():
+                if not self._step():
                     wait = self.scheduler.seconds_until_admission(time.monotonic())
                     self._wakeup.wait(timeout=wait)
                     self._wakeup.clear()
@@ -191,6 +202,11 @@ class Engine:
             status, error = RequestStatus.FINISHED_ERROR, f"the inference loop crashed: {type(exc).__name__}: {exc}"
         finally:
             self._shutdown(status, error)
+
+    def _load_runner(self, model_path: Path) -> ModelRunner:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        return ModelRunner(self.config, model_path)
 
     def _shutdown(self, status: RequestStatus, error: str | None) -> None:
         """End every request in flight or queued with `status`; from now on add_request refuses."""

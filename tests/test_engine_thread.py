@@ -1,0 +1,50 @@
+"""Every torch call of an engine runs on its one thread: loading, hand-driven steps and the loop alike."""
+
+import threading
+
+import pytest
+
+from flover_backend import Engine, SamplingParams
+from flover_backend.engine_thread import EngineThread
+from flover_backend.model_runner import ModelRunner
+from tests.test_engine import engine_config
+
+
+def test_calls_run_in_order_on_the_thread_and_errors_reach_the_caller():
+    worker = EngineThread(name="test-engine-thread")
+    try:
+        seen = []
+        futures = [worker.submit(lambda i=i: seen.append((i, threading.current_thread().name))) for i in range(5)]
+        for future in futures:
+            future.result()
+        assert seen == [(i, "test-engine-thread") for i in range(5)]
+        with pytest.raises(ZeroDivisionError):
+            worker.call(lambda: 1 / 0)
+        assert worker.call(lambda: worker.call(lambda: 7)) == 7  # a call from the thread itself runs at once
+    finally:
+        worker.close()
+
+
+def test_loading_and_every_iteration_run_on_the_engine_thread(monkeypatch):
+    threads = {"load": set(), "execute": set()}
+    load, execute = ModelRunner.__init__, ModelRunner.execute
+
+    def recording_load(self, *args, **kwargs):
+        threads["load"].add(threading.current_thread())
+        load(self, *args, **kwargs)
+
+    def recording_execute(self, out):
+        threads["execute"].add(threading.current_thread())
+        return execute(self, out)
+
+    monkeypatch.setattr(ModelRunner, "__init__", recording_load)
+    monkeypatch.setattr(ModelRunner, "execute", recording_execute)
+    engine = Engine(engine_config())
+    engine.add_request("by hand", SamplingParams(max_tokens=3, ignore_eos=True), on_output=lambda _: None)
+    engine.run_until_idle()  # steps driven from this thread
+    engine.start()
+    assert len(list(engine.generate("in the loop", SamplingParams(max_tokens=3, ignore_eos=True)))) == 3
+    engine.stop()
+    (loader,) = threads["load"]
+    assert threads["execute"] == {loader} and loader is not threading.main_thread()
+    assert not loader.is_alive()  # stop() ends it
