@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import threading
@@ -93,12 +94,14 @@ def decode_sweep(engine: Engine, batch_sizes: list[int]) -> list[dict]:
     """Decode step time at each batch size next to this machine's floor for the model, printed and returned."""
     runner = engine.runner
     weight_bytes, num_params = weight_footprint(runner.model)
-    bandwidth, flops = memory_bandwidth(runner.device), matmul_rate(runner.device, runner.dtype)
+    # On the engine's thread, like its steps: torch work on this one would slow both (see engine_thread).
+    bandwidth = engine.call(lambda: memory_bandwidth(runner.device))
+    flops = engine.call(lambda: matmul_rate(runner.device, runner.dtype))
     rows = []
     for batch_size in batch_sizes:
         step, forward = decode_step_seconds(engine, batch_size)
         floor = decode_floor(weight_bytes, num_params, batch_size, bandwidth, flops)
-        layers_rate = linear_rate(runner.model, batch_size)
+        layers_rate = engine.call(functools.partial(linear_rate, runner.model, batch_size))
         rows.append({"batch_size": batch_size, "step_s": step, "forward_s": forward, "floor_s": floor,
                      "ratio": step / floor, "bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9,
                      "model_matmuls_gflop_s": layers_rate / 1e9})

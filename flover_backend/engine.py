@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,6 +143,19 @@ class Engine:
         outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self.add_request(prompt, params, prompt_token_ids=prompt_token_ids, on_output=outputs.put)
         return _until_finished(outputs)
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run `function()` on the engine's thread, between two iterations once the loop runs, and return its
+        result: torch work timed beside the engine must run there (a second OpenMP team throttles both)."""
+        done: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise EngineDeadError("the engine is stopped")
+            if self._loop_done is None:
+                return self._torch_thread.call(function)
+            self._inbox.put(("call", (function, done)))
+        self._wakeup.set()
+        return done.result()
 
     def start(self) -> Engine:
         """Start the loop on the engine's thread."""
@@ -283,6 +297,12 @@ class Engine:
                 self._callbacks[request.req_id] = callback
                 self.outputs.add(request)
                 self.scheduler.add_request(request)
+            elif kind == "call":
+                function, done = payload
+                try:
+                    done.set_result(function())
+                except Exception as exc:  # noqa: BLE001 - the caller's error, raised in the caller
+                    done.set_exception(exc)
             else:
                 self.scheduler.abort(payload)
 

@@ -22,11 +22,14 @@ class EngineThread:
 
     def __init__(self, name: str = "flover-loop"):
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, function: Callable[[], Any]) -> Future:
-        """Queue `function()` to run on the thread; its future."""
+        """Queue `function()` to run on the thread; its future. Refused once the thread is closed."""
+        if self._closed:
+            raise RuntimeError(f"{self._thread.name} is closed")
         done: Future = Future()
         self._jobs.put((function, done))
         return done
@@ -39,6 +42,7 @@ class EngineThread:
 
     def close(self) -> None:
         """Let the calls already queued run, then end the thread."""
+        self._closed = True
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()

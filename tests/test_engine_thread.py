@@ -6,6 +6,7 @@ import pytest
 
 from flover_backend import Engine, SamplingParams
 from flover_backend.engine_thread import EngineThread
+from flover_backend.errors import EngineDeadError
 from flover_backend.model_runner import ModelRunner
 from tests.test_engine import engine_config
 
@@ -23,6 +24,8 @@ def test_calls_run_in_order_on_the_thread_and_errors_reach_the_caller():
         assert worker.call(lambda: worker.call(lambda: 7)) == 7  # a call from the thread itself runs at once
     finally:
         worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.call(lambda: None)
 
 
 def test_loading_and_every_iteration_run_on_the_engine_thread(monkeypatch):
@@ -48,3 +51,19 @@ def test_loading_and_every_iteration_run_on_the_engine_thread(monkeypatch):
     (loader,) = threads["load"]
     assert threads["execute"] == {loader} and loader is not threading.main_thread()
     assert not loader.is_alive()  # stop() ends it
+
+
+def test_call_runs_on_the_engine_thread_before_and_while_the_loop_runs():
+    engine = Engine(engine_config())
+    before = engine.call(threading.current_thread)
+    engine.start()
+    try:
+        outputs = engine.generate("beside the loop", SamplingParams(max_tokens=4, ignore_eos=True))
+        assert engine.call(threading.current_thread) is before is not threading.current_thread()
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0)
+        assert len(list(outputs)) == 4  # the loop goes on around the calls
+    finally:
+        engine.stop()
+    with pytest.raises(EngineDeadError):
+        engine.call(lambda: None)
