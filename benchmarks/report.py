@@ -19,7 +19,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 OTHER_RESULTS = {  # written by other commands into the same folder
     "inprocess.md": "`make bench-inprocess`: the three policies in-process, the decode step against its floor",
-    "sampling.md": "`make bench-sampling`: the sampling step, per-row against batched",
+    "sampling.md": "`make bench-sampling`: the sampling step: per-row, batched in torch, batched in the C kernel",
     "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
     "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
     "vs_vllm.md": "experiment 6's table alone (its runs: vs_vllm.json); `--vllm-only` reruns just it",
