@@ -5,11 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_backend import EngineConfig, SamplingParams
 from flover_backend.layers.attention import ForwardBatch, arena_attention
 from flover_backend.native import attention as native_attention
 from flover_backend.triton_env import work_dir
-from tests.test_engine import PROMPTS, run_staggered, token_ids
 
 MAX_LEN = 40
 
@@ -71,25 +69,6 @@ def test_a_row_with_no_visible_key_gets_zeros(kernel):
     out = kernel(torch.ones(2, 1, 1, 8), new, new, k_cache, v_cache, torch.tensor([3, 3]), torch.tensor([4, 0]),
                  torch.tensor([4, 4]))
     assert torch.equal(out[0], torch.zeros(1, 1, 8)) and out[1].abs().sum() > 0
-
-
-def test_without_a_compiler_the_engine_decodes_on_the_matmuls(tmp_path, monkeypatch):
-    """A kernel that cannot be built is logged and skipped: the engine serves the same greedy tokens."""
-    jobs = [(prompt, SamplingParams(max_tokens=6 + i, ignore_eos=True)) for i, prompt in enumerate(PROMPTS)]
-
-    def serve() -> tuple[list[list[int]], bool]:
-        uses_kernel = []
-        outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
-                                prepare=lambda engine: uses_kernel.append(engine.runner.attention_kernel is not None))
-        return [token_ids(output) for output in outputs], uses_kernel[0]
-
-    with_kernel, used = serve()
-    assert used
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
-    without_kernel, used = serve()
-    assert not used and not list((tmp_path / "kernels").glob("*.so"))
-    assert without_kernel == with_kernel
 
 
 def test_positions_outside_the_row_are_clamped_not_read_or_written(kernel):

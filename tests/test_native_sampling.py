@@ -6,12 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_backend import EngineConfig, SamplingParams
+from flover_backend import SamplingParams
 from flover_backend.native import sampling as native_sampling
 from flover_backend.sampling_batch import BLOCK_SIZE, SamplingBatch, num_blocks
 from flover_backend.sampling_pass import sample_rows
 from flover_backend.triton_env import work_dir
-from tests.test_engine import PROMPTS, run_staggered, token_ids
 
 # A top-p cut is checked between the cuts at top_p -/+ this: float32 masses may round a token whose mass
 # before it lands within rounding of top_p x total to either side.
@@ -102,27 +101,6 @@ def test_draws_the_tokens_the_torch_pass_draws(kernel, scale):
         generators = [torch.Generator().manual_seed(1000 * step + i) for i in range(len(params))]
         batch = SamplingBatch.build(params, generators, logits.shape[1], logits.device)
         assert torch.equal(sample_rows(logits, batch, kernel)[0], sample_rows(logits, batch)[0])
-
-
-def test_without_a_compiler_the_engine_samples_with_torch(tmp_path, monkeypatch):
-    """A sampling kernel that cannot be built is logged and skipped: seeded requests draw the same tokens."""
-    jobs = [(prompt, SamplingParams(max_tokens=6 + i, ignore_eos=True, temperature=0.9, top_p=0.8, top_k=20 * i,
-                                    seed=i)) for i, prompt in enumerate(PROMPTS)]
-
-    def serve() -> tuple[list[list[int]], bool]:
-        uses_kernel = []
-        outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
-                                prepare=lambda engine: uses_kernel.append(
-                                    engine.runner.sampler.kernel is not None))
-        return [token_ids(output) for output in outputs], uses_kernel[0]
-
-    with_kernel, used = serve()
-    assert used
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
-    without_kernel, used = serve()
-    assert not used and not list((tmp_path / "kernels").glob("*.so"))
-    assert without_kernel == with_kernel
 
 
 def test_a_vocabulary_of_partial_blocks_is_refused(kernel):

@@ -1,0 +1,27 @@
+"""The C kernels where no compiler works: neither is built, the log says so, and the engine serves the same
+tokens on torch's operators."""
+
+from flover_backend import EngineConfig, SamplingParams
+from tests.test_engine import PROMPTS, run_staggered, token_ids
+
+
+def test_without_a_compiler_the_engine_serves_the_same_tokens_on_torch(tmp_path, monkeypatch, caplog):
+    jobs = [(prompt, SamplingParams(max_tokens=6 + i, ignore_eos=True)) for i, prompt in enumerate(PROMPTS[:4])]
+    jobs += [(prompt, SamplingParams(max_tokens=6 + i, ignore_eos=True, temperature=0.9, top_p=0.8, top_k=20 * i,
+                                     seed=i)) for i, prompt in enumerate(PROMPTS[4:])]
+
+    def serve() -> tuple[list[list[int]], list[bool]]:
+        kernels = []
+        outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
+                                prepare=lambda engine: kernels.extend(
+                                    [engine.runner.attention_kernel is not None, engine.runner.sampler.kernel is not None]))
+        return [token_ids(output) for output in outputs], kernels
+
+    with_kernels, used = serve()
+    assert used == [True, True]
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
+    without_kernels, used = serve()
+    assert used == [False, False] and not list((tmp_path / "kernels").glob("*.so"))
+    assert "decode_attention.c is unavailable" in caplog.text and "sampling.c is unavailable" in caplog.text
+    assert without_kernels == with_kernels
