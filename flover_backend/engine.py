@@ -163,7 +163,9 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Stop the loop; requests still in flight end with finish_reason 'abort'."""
+        """Stop the loop; requests still in flight end with finish_reason 'abort'. A second call does nothing."""
+        if self._torch_thread.closed:
+            return
         self._stopping = True
         self._wakeup.set()
         if self._loop_done is not None:

@@ -26,6 +26,11 @@ class EngineThread:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: the thread takes no more calls."""
+        return self._closed
+
     def submit(self, function: Callable[[], Any]) -> Future:
         """Queue `function()` to run on the thread; its future. Refused once the thread is closed."""
         if self._closed:

@@ -67,3 +67,4 @@ def test_call_runs_on_the_engine_thread_before_and_while_the_loop_runs():
         engine.stop()
     with pytest.raises(EngineDeadError):
         engine.call(lambda: None)
+    engine.stop()  # again: nothing left to stop
