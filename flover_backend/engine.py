@@ -17,7 +17,7 @@ import torch
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
-from flover_backend.engine_thread import EngineThread
+from flover_backend.engine_thread import EngineThread, run_into
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
@@ -147,12 +147,12 @@ class Engine:
     def call(self, function: Callable[[], Any]) -> Any:
         """Run `function()` on the engine's thread, between two iterations once the loop runs, and return its
         result: torch work timed beside the engine must run there (a second OpenMP team throttles both)."""
-        done: Future = Future()
         with self._lock:
             if self._stopping:
                 raise EngineDeadError("the engine is stopped")
-            if self._loop_done is None:
+            if self._loop_done is None or self._torch_thread.is_current:  # e.g. from an output callback
                 return self._torch_thread.call(function)
+            done: Future = Future()
             self._inbox.put(("call", (function, done)))
         self._wakeup.set()
         return done.result()
@@ -300,11 +300,7 @@ class Engine:
                 self.outputs.add(request)
                 self.scheduler.add_request(request)
             elif kind == "call":
-                function, done = payload
-                try:
-                    done.set_result(function())
-                except Exception as exc:  # noqa: BLE001 - the caller's error, raised in the caller
-                    done.set_exception(exc)
+                run_into(*payload)
             else:
                 self.scheduler.abort(payload)
 

@@ -39,9 +39,14 @@ class EngineThread:
         self._jobs.put((function, done))
         return done
 
+    @property
+    def is_current(self) -> bool:
+        """Whether the calling thread is this one."""
+        return threading.current_thread() is self._thread
+
     def call(self, function: Callable[[], Any]) -> Any:
         """Run `function()` on the thread (at once where already there) and return its result or raise its error."""
-        if threading.current_thread() is self._thread:
+        if self.is_current:
             return function()
         return self.submit(function).result()
 
@@ -49,15 +54,19 @@ class EngineThread:
         """Let the calls already queued run, then end the thread."""
         self._closed = True
         self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
+        if not self.is_current:
             self._thread.join()
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             function, done = job
-            if not done.set_running_or_notify_cancel():
-                continue
-            try:
-                done.set_result(function())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who sees it as if raised there
-                done.set_exception(exc)
+            if done.set_running_or_notify_cancel():
+                run_into(function, done)
+
+
+def run_into(function: Callable[[], Any], done: Future) -> None:
+    """Run `function()` and settle `done` with its result, or with its error for the caller to raise."""
+    try:
+        done.set_result(function())
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, who sees it as if raised there
+        done.set_exception(exc)

@@ -9,6 +9,7 @@ from flover_backend.engine_thread import EngineThread
 from flover_backend.errors import EngineDeadError
 from flover_backend.model_runner import ModelRunner
 from tests.test_engine import engine_config
+from tests.waiting import wait_for
 
 
 def test_calls_run_in_order_on_the_thread_and_errors_reach_the_caller():
@@ -63,6 +64,10 @@ def test_call_runs_on_the_engine_thread_before_and_while_the_loop_runs():
         with pytest.raises(ZeroDivisionError):
             engine.call(lambda: 1 / 0)
         assert len(list(outputs)) == 4  # the loop goes on around the calls
+        from_callback = []
+        engine.add_request("from a callback", SamplingParams(max_tokens=1, ignore_eos=True),
+                           on_output=lambda _: from_callback.append(engine.call(threading.current_thread)))
+        assert wait_for(lambda: from_callback == [before])  # on the loop thread itself: run at once, no deadlock
     finally:
         engine.stop()
     with pytest.raises(EngineDeadError):
