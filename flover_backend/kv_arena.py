@@ -19,14 +19,19 @@ class KVArena:
     """`[num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim]`, viewed by torch once.
 
     Compaction copies rows in place with the array library that owns the memory, so the torch view
-    made at start-up stays valid for the life of the engine.
+    made at start-up stays valid for the life of the engine. `position_major` (CPU only) stores each row's
+    positions outermost, `[..., max_model_len, num_kv_heads, head_dim]`, behind the same logical view: a row's
+    visible keys are then one contiguous span for the native decode-attention kernel, which streams it
+    (torch's batched matmuls would copy such strided keys, so they keep the head-major layout).
     """
 
     def __init__(self, num_layers: int, max_num_seqs: int, num_kv_heads: int, max_model_len: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device, position_major: bool = False):
         shape = (num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim)
         storage_dtype = _STORAGE_DTYPE[dtype]
         self.device = torch.device(device)
+        if position_major and self.device.type != "cpu":
+            raise ValueError("the position-major arena is for the CPU kernel only")
         if self.device.type == "cuda":
             import cupy  # GPU only: CuPy's pool owns the arena
 
@@ -34,7 +39,8 @@ class KVArena:
                 self.array = cupy.zeros(shape, dtype=storage_dtype)
             view = torch.from_dlpack(self.array)
         else:
-            self.array = np.zeros(shape, dtype=storage_dtype)
+            order = (0, 1, 2, 4, 3, 5) if position_major else tuple(range(6))  # its own inverse
+            self.array = np.zeros([shape[axis] for axis in order], dtype=storage_dtype).transpose(order)
             view = torch.from_numpy(self.array)
         self.tensor = view.view(dtype) if view.dtype != dtype else view
         self.bytes_per_position = num_layers * 2 * num_kv_heads * head_dim * self.tensor.element_size()

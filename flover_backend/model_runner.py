@@ -114,6 +114,14 @@ class ModelRunner:
         self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
         self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
+        # Kernels are built (or found built) now, so the compiler never runs inside a step under load.
+        kernels_dir = work_dir().parent / "kernels"
+        sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
+            else None
+        self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
+        self.attention_kernel = (native_attention.load(kernels_dir)
+                                 if config.native_attention and native_attention.supports(self.device, self.dtype)
+                                 else None)
         self.arena = KVArena(
             num_layers=model_config.num_layers,
             max_num_seqs=config.max_num_seqs,
@@ -122,15 +130,8 @@ class ModelRunner:
             head_dim=model_config.head_dim,
             dtype=self.dtype,
             device=self.device,
+            position_major=self.attention_kernel is not None,
         )
-        # Kernels are built (or found built) now, so the compiler never runs inside a step under load.
-        kernels_dir = work_dir().parent / "kernels"
-        sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
-            else None
-        self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
-        self.attention_kernel = (native_attention.load(kernels_dir)
-                                 if config.native_attention and native_attention.supports_arena(self.arena.tensor)
-                                 else None)
         # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
         # token is never fed back, so positions stop at max_model_len - 2.
         self.max_model_len = config.max_model_len

@@ -1,6 +1,7 @@
 """The arena's invariant under any sequence of admissions, growth, finishes and compactions."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,11 +27,11 @@ def fill(arena: KVArena, row: int, start: int, stop: int, value: float) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(operations, st.booleans(), st.sampled_from(["numpy", "torch"]))
-def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, compaction, copier):
+@given(operations, st.booleans(), st.sampled_from(["numpy", "torch"]), st.booleans())
+def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, compaction, copier, position_major):
     """`torch` is the copy a GPU falls back to where CuPy cannot compile its kernels."""
     arena = KVArena(num_layers=2, max_num_seqs=NUM_ROWS, num_kv_heads=2, max_model_len=MAX_LEN,
-                    head_dim=3, dtype=torch.float32, device=torch.device("cpu"))
+                    head_dim=3, dtype=torch.float32, device=torch.device("cpu"), position_major=position_major)
     arena.copier = copier
     table = RowTable(NUM_ROWS, compaction=compaction)
     reference: dict[str, torch.Tensor] = {}  # req_id -> its KV positions [:length]
@@ -68,10 +69,20 @@ def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, 
             torch.testing.assert_close(arena.tensor[:, :, row, :, : reference[req_id].shape[-2]], reference[req_id])
 
 
-def test_torch_view_shares_memory_with_numpy_storage():
-    arena = KVArena(1, 2, 1, 4, 2, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("position_major", [False, True])
+def test_torch_view_shares_memory_with_numpy_storage(position_major):
+    arena = KVArena(1, 2, 1, 4, 2, torch.float32, torch.device("cpu"), position_major=position_major)
     arena.tensor[0, 1, 1] = 5.0
     assert np.all(arena.array[0, 1, 1] == 5.0)
+
+
+def test_a_position_major_row_holds_its_first_positions_of_every_head_in_one_span():
+    """What the native kernel streams: positions [0, n) of a row, all kv heads, are contiguous memory."""
+    arena = KVArena(2, 3, 4, 10, 8, torch.float32, torch.device("cpu"), position_major=True)
+    assert arena.tensor.shape == (2, 2, 3, 4, 10, 8)
+    assert arena.tensor[1, 0, 2].transpose(0, 1)[:6].is_contiguous()
+    assert not KVArena(2, 3, 4, 10, 8, torch.float32, torch.device("cpu")).tensor[1, 0, 2].transpose(0, 1)[
+        :6].is_contiguous()
 
 
 def test_bfloat16_arena_is_reinterpreted_uint16_storage():

@@ -20,9 +20,15 @@ def kernel() -> native_attention.DecodeAttentionKernel:
     return built
 
 
-def arena_layer(rows: int, num_kv_heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's keys and values as the arena lays them out: views of one (layers, 2, ...) buffer."""
-    arena = torch.randn(2, 2, rows, num_kv_heads, MAX_LEN, head_dim, generator=torch.Generator().manual_seed(seed))
+def arena_layer(rows: int, num_kv_heads: int, head_dim: int, seed: int,
+                position_major: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values as the arena lays them out: (rows, nkv, max_len, hd) views of one
+    (layers, 2, ...) buffer, stored position-major (the engine's CPU layout) or head-major."""
+    shape = (2, 2, rows, MAX_LEN, num_kv_heads, head_dim) if position_major else (2, 2, rows, num_kv_heads, MAX_LEN,
+                                                                                  head_dim)
+    arena = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    if position_major:
+        arena = arena.transpose(3, 4)
     return arena[1, 0], arena[1, 1]
 
 
@@ -32,16 +38,16 @@ def random(*shape: int, seed: int) -> torch.Tensor:
 
 @settings(max_examples=40, deadline=None)
 @given(lens=st.lists(st.integers(0, MAX_LEN - 2), min_size=1, max_size=5), group=st.sampled_from([1, 2, 3]),
-       window=st.sampled_from([None, 1, 4, 16]), seed=st.integers(0, 2**16))
-def test_stores_and_attends_as_the_matmul_attention_does(kernel, lens, group, window, seed):
+       window=st.sampled_from([None, 1, 4, 16]), seed=st.integers(0, 2**16), position_major=st.booleans())
+def test_stores_and_attends_as_the_matmul_attention_does(kernel, lens, group, window, seed, position_major):
     """The same keys stored in the same places, and the same attention (each row sees its length + 1 keys,
-    within its window), with GQA and sliding windows."""
+    within its window), with GQA and sliding windows, over either arena layout."""
     num_kv_heads, head_dim, rows = 2, 8, len(lens)
     q = random(rows, num_kv_heads * group, 1, head_dim, seed=seed + 1)
     k, v = random(rows, num_kv_heads, 1, head_dim, seed=seed + 2), random(rows, num_kv_heads, 1, head_dim, seed=seed + 3)
     outputs, caches = [], []
     for native in (False, True):
-        k_cache, v_cache = arena_layer(rows, num_kv_heads, head_dim, seed)
+        k_cache, v_cache = arena_layer(rows, num_kv_heads, head_dim, seed, position_major)
         batch = ForwardBatch.decode(slice(0, rows), torch.tensor(lens), max(lens) + 1,
                                     kernel=kernel if native else None)
         outputs.append(arena_attention(q, k, v, k_cache, v_cache, batch, window))
@@ -82,3 +88,12 @@ def test_positions_outside_the_row_are_clamped_not_read_or_written(kernel):
     whole_row = kernel(q, new, new, k_cache, v_cache, torch.tensor([-1]), torch.tensor([0]), torch.tensor([MAX_LEN]))
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
     assert torch.equal(out, whole_row)
+
+
+def test_caches_whose_head_values_are_not_contiguous_are_refused(kernel):
+    """The kernel reads each head's values as one run of floats: a view that breaks that is an error, not a misread."""
+    k_cache, v_cache = arena_layer(1, 2, 8, seed=9)
+    new = torch.ones(1, 2, 1, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(torch.ones(1, 2, 1, 8), new, new, k_cache.transpose(2, 3), v_cache.transpose(2, 3),
+               torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))

@@ -1,6 +1,8 @@
 """The C kernels where no compiler works: neither is built, the log says so, and the engine serves the same
 tokens on torch's operators."""
 
+import torch
+
 from flover_backend import EngineConfig, SamplingParams
 from tests.test_engine import PROMPTS, run_staggered, token_ids
 
@@ -14,14 +16,20 @@ def test_without_a_compiler_the_engine_serves_the_same_tokens_on_torch(tmp_path,
         kernels = []
         outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
                                 prepare=lambda engine: kernels.extend(
-                                    [engine.runner.attention_kernel is not None, engine.runner.sampler.kernel is not None]))
+                                    [engine.runner.attention_kernel is not None, engine.runner.sampler.kernel is not None,
+                                     _position_major(engine.runner.arena.tensor)]))
         return [token_ids(output) for output in outputs], kernels
 
     with_kernels, used = serve()
-    assert used == [True, True]
+    assert used == [True, True, True]  # the kernel gets the position-major arena it streams
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
     without_kernels, used = serve()
-    assert used == [False, False] and not list((tmp_path / "kernels").glob("*.so"))
+    assert used == [False, False, False] and not list((tmp_path / "kernels").glob("*.so"))
     assert "decode_attention.c is unavailable" in caplog.text and "sampling.c is unavailable" in caplog.text
     assert without_kernels == with_kernels
+
+
+def _position_major(arena: torch.Tensor) -> bool:
+    """Whether the arena (layers, 2, rows, nkv, max_len, hd) stores positions outside heads."""
+    return arena.stride(3) < arena.stride(4)

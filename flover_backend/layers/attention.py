@@ -57,16 +57,18 @@ class ForwardBatch:
         return self._key_ranges[sliding_window]
 
     def write_index(self, k_cache: torch.Tensor) -> torch.Tensor:
-        """(B * nkv,) offsets of each row's new position in a layer's cache viewed as (-1, hd).
+        """(B * nkv,) offsets of each row's new position in a layer's cache seen as (-1, hd) (`flat_cache`).
 
-        Every layer's cache has the same shape, so the first layer builds them and the rest reuse them.
+        Every layer's cache has the same shape and strides, so the first layer builds them and the rest reuse them.
         """
         key = tuple(k_cache.shape)
         if key not in self._write_index:
-            _, num_kv_heads, max_len, _ = k_cache.shape
-            rows = torch.arange(self.rows.start, self.rows.start + len(self.write_pos), device=self.write_pos.device)
-            heads = torch.arange(num_kv_heads, device=self.write_pos.device)
-            offsets = (rows[:, None] * num_kv_heads + heads[None, :]) * max_len + self.write_pos[:, None]
+            row_stride, head_stride, position_stride, _ = (stride // k_cache.shape[-1] for stride in k_cache.stride())
+            device = self.write_pos.device
+            rows = torch.arange(self.rows.start, self.rows.start + len(self.write_pos), device=device)
+            heads = torch.arange(k_cache.shape[1], device=device)
+            offsets = (rows[:, None] * row_stride + heads[None, :] * head_stride
+                       + self.write_pos[:, None] * position_stride)
             self._write_index[key] = offsets.reshape(-1)
         return self._write_index[key]
 
@@ -166,14 +168,20 @@ def arena_attention(
         return batch.kernel(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos, starts, ends)
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
-    k_cache.view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
-    v_cache.view(-1, head_dim).index_copy_(0, index, v.reshape(-1, head_dim))
+    flat_cache(k_cache).index_copy_(0, index, k.reshape(-1, head_dim))
+    flat_cache(v_cache).index_copy_(0, index, v.reshape(-1, head_dim))
     num_keys = batch.num_key_positions
     keys = k_cache[batch.rows, :, :num_keys]  # (B, nkv, S, hd) views of the arena, no copy
     values = v_cache[batch.rows, :, :num_keys]
     # A window that covers every key read changes nothing, so the common case builds no second mask.
     windowed = sliding_window is not None and num_keys > sliding_window
     return decode_attention(q, keys, values, batch.sliding_key_bias(sliding_window) if windowed else batch.key_bias)
+
+
+def flat_cache(cache: torch.Tensor) -> torch.Tensor:
+    """A layer's (rows, nkv, max_len, hd) cache, in either arena layout, as the (-1, hd) block of memory it spans."""
+    head_dim = cache.shape[-1]
+    return cache.as_strided((cache.numel() // head_dim, head_dim), (head_dim, 1))
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

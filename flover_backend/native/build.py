@@ -28,8 +28,9 @@ def _cpu_flags() -> str:
 
 
 def library_path(source: Path, build_dir: Path) -> Path:
-    """Where `source`, built with FLAGS for this CPU, is cached under `build_dir`."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    """Where `source` (with the headers beside it), built with FLAGS for this CPU, is cached under `build_dir`."""
+    text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     return build_dir / f"{source.stem}-{key}.so"
 
 

@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define NUM_BINS 1024
 #define BINS_PER_NAT 8.0f /* the bins span 128 nats below the top: past ~87 a mass is 0 in float32 */
 #define LANES 16          /* one AVX-512 vector of floats: a block's sums run in this many lanes */
@@ -33,25 +35,6 @@ static int by_logit_descending(const void *a, const void *b) {
 static int by_float_descending(const void *a, const void *b) {
     const float x = *(const float *)a, y = *(const float *)b;
     return (x < y) - (x > y);
-}
-
-/* e^x for x <= 0 (Cephes' expf: range reduction by ln 2, degree-6 polynomial, within 2 ulp), written so that
- * the compiler vectorizes it; 0 below -87, where float32 leaves the normal range. */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.0f ? -87.0f : x;
-    const float n = rintf(clamped * 1.44269504088896341f);
-    const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.0f ? 0.0f : y * scale;
 }
 
 /* The bin of a token `x` nats (scaled logits) below its row's top; the last bin holds every token past the span. */
