@@ -54,9 +54,6 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         """Start the engine with the settings in config.pbtxt `parameters`, and the response thread."""
-        import os
-        import sys
-        if os.environ.get("FLOVER_SWITCH"): sys.setswitchinterval(float(os.environ["FLOVER_SWITCH"]))
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the flover model must be decoupled (it streams)")
