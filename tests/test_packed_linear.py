@@ -1,0 +1,40 @@
+"""oneDNN-packed linear layers against the plain matmul they replace, at every row count the engine runs."""
+
+import pytest
+import torch
+from torch import nn
+
+from flover_backend.layers.linear import MIN_PACKED_ROWS, PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch build has no oneDNN")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, MIN_PACKED_ROWS - 1), (1, MIN_PACKED_ROWS), (1, 9), (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_equals_the_plain_matmul_padded_or_not(shape, bias):
+    """Fewer rows than MIN_PACKED_ROWS are padded for speed; the rows asked for come back alone, as computed plainly."""
+    layer = nn.Linear(48, 40, bias=bias)
+    packed = PackedLinear(layer.weight.detach(), layer.bias.detach() if bias else None, batch_hint=32)
+    x = torch.randn(*shape, 48)
+    with torch.inference_mode():
+        got, want = packed(x), layer(x)
+    assert got.shape == (*shape, 40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_gets_the_same_result_whether_padded_or_alongside_others():
+    """A decode row's output may not depend on how many rows sit beside it, beyond float rounding."""
+    layer = nn.Linear(64, 32)
+    packed = PackedLinear(layer.weight.detach(), layer.bias.detach(), batch_hint=32)
+    x = torch.randn(1, 8, 64)
+    with torch.inference_mode():
+        together = packed(x)
+        alone = torch.cat([packed(x[:, i:i + 1]) for i in range(8)], dim=1)
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_swaps_plain_linear_layers_only():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
+    assert pack_linears(model, batch_hint=4) == 2
+    assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
+    assert isinstance(model[1], nn.ReLU)
