@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.quiet import wait_until_quiet
 from benchmarks.vllm_peer import CACHE_DIR, VllmServer, vllm_description
 from clients.loadgen import openai_sender, replay
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
@@ -63,9 +64,11 @@ def against_vllm(bench, repeats: int = 3) -> dict:
         for attempt in range(repeats):
             for case in peer_cases(attempt):  # both sides replay the same trace, fresh in every attempt
                 label = f"exp6 {case.name} run {attempt + 1}"
+                wait_until_quiet()  # vLLM's worker polls on a core for ~1 s after its run (see benchmarks.quiet)
                 # Both sides stream server-sent events over HTTP, so their clients cost the shared cores alike.
                 timings, summary = bench.run("flover", case.trace, f"{label} flover", case.sampled, over_http=True)
                 runs[case.name]["flover"].append(_pick(summary, case.trace, timings))
+                wait_until_quiet()
                 timings = replay(case.trace, openai_sender(vllm.base_url, "builtin-small", case.sampled),
                                  label=f"{label} vllm", show_progress=False)
                 summary = summarize(timings)
