@@ -16,6 +16,7 @@ from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
 from flover_backend.native import attention as native_attention
+from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
@@ -119,6 +120,10 @@ class ModelRunner:
         sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
             else None
         self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
+        if config.native_elementwise and native_attention.supports(self.device, self.dtype):
+            elementwise_kernels = native_elementwise.load(kernels_dir)
+            if elementwise_kernels is not None:
+                self.model.use_elementwise_kernels(elementwise_kernels)
         self.attention_kernel = (native_attention.load(kernels_dir)
                                  if config.native_attention and native_attention.supports(self.device, self.dtype)
                                  else None)

@@ -10,6 +10,7 @@ from flover_backend.layers.attention import ForwardBatch
 from flover_backend.models.gpt2 import GPT2
 from flover_backend.models.gptj import GPTJ
 from flover_backend.models.llama import Llama
+from flover_backend.native.elementwise import ElementwiseKernels
 
 
 class ModelConfig(Protocol):
@@ -55,6 +56,10 @@ class CausalLM(Protocol):
 
     def prepack(self, batch_hint: int) -> None:
         """Lay the weights out for decoding up to `batch_hint` rows on this device, once after loading."""
+        ...
+
+    def use_elementwise_kernels(self, kernels: ElementwiseKernels) -> None:
+        """Run what element-wise work `kernels` covers through them, where the inputs allow; or nothing."""
         ...
 
 

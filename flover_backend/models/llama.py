@@ -19,6 +19,7 @@ from flover_backend.layers.linear import (
     can_pack,
     pack_linears,
 )
+from flover_backend.native.elementwise import ElementwiseKernels, applies
 
 # Gemma's "gelu" is the tanh approximation too: transformers rewrites it so (huggingface/transformers#29402).
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
@@ -124,14 +125,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels: ElementwiseKernels | None = None  # set by `Llama.use_elementwise_kernels`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension and scale it."""
+        if self.kernels is not None and applies(x, self.weight):
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:  # Gemma scales before rounding to the model's dtype, Llama after
             return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of that): the residual add and the next norm, one kernel call where it runs.
+        `x` may be updated in place."""
+        if self.kernels is not None and applies(x, delta, self.weight):
+            return self.kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 def rope_tables(config: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,17 +177,23 @@ class LlamaAttention(nn.Module):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [q_width, kv_width, kv_width], config.qkv_bias)
         self.o_proj = RowParallelLinear(q_width, config.hidden_size, config.o_proj_bias, rank, world)
+        self.kernels: ElementwiseKernels | None = None  # set by `Llama.use_elementwise_kernels`
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Project, rotate, attend through the arena and project back."""
         B, T, _ = x.shape
         kv_width = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        qkv = self.qkv_proj(x)
+        rotated = self.kernels is not None and applies(qkv, cos, sin)
+        if rotated:  # q's and k's heads lead each token's row: rotate them in place, in one call
+            self.kernels.rope_(qkv.view(B * T, -1), self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not rotated:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = arena_attention(q, k, v, k_cache, v_cache, batch, self.sliding_window)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -189,10 +207,14 @@ class LlamaMLP(nn.Module):
         bias = config.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, rank, world)
+        self.kernels: ElementwiseKernels | None = None  # SwiGLU only; set by `Llama.use_elementwise_kernels`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """down(act(gate(x)) * up(x))."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and applies(gate_up):
+            return self.down_proj(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -209,8 +231,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Attention then MLP, each added to the residual stream."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
+        x, normed = self.post_attention_layernorm.add_forward(x, attended)
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -273,6 +296,15 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
+
+    def use_elementwise_kernels(self, kernels: ElementwiseKernels) -> None:
+        """Run the norms, rotary and SwiGLU through `kernels` wherever their inputs allow (float32 on the CPU);
+        Gemma's (1 + weight) norms and GeGLU keep torch's operators."""
+        swiglu = self.config.hidden_act == "silu"
+        for module in self.modules():
+            covered = {RMSNorm: not getattr(module, "unit_offset", True), LlamaAttention: True, LlamaMLP: swiglu}
+            if covered.get(type(module), False):
+                module.kernels = kernels
 
     def prepack(self, batch_hint: int) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
