@@ -25,6 +25,8 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "vs_vllm.md": "experiment 6's table alone (its runs: vs_vllm.json); `--vllm-only` reruns just it",
     "setting_ab_native_attention.md": "`python -m benchmarks.setting_ab --set native_attention=false`: the "
                                       "attention kernel against batched matmuls, steps in turns",
+    "setting_ab_native_elementwise.md": "`python -m benchmarks.setting_ab --set native_elementwise=false`: the "
+                                        "element-wise kernels against torch's operators, steps in turns",
 }
 
 
