@@ -120,7 +120,7 @@ class ModelRunner:
         sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
             else None
         self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
-        if config.native_elementwise and native_attention.supports(self.device, self.dtype):
+        if config.native_elementwise and self.device.type == "cpu" and self.dtype == torch.float32:
             elementwise_kernels = native_elementwise.load(kernels_dir)
             if elementwise_kernels is not None:
                 self.model.use_elementwise_kernels(elementwise_kernels)

@@ -18,6 +18,7 @@ from flover_backend.models.gpt2 import GPT2Config
 from flover_backend.models.llama import LlamaConfig
 from flover_backend.models.loader import load_model, resolve_model_path
 from flover_backend.native import attention as native_attention
+from flover_backend.native import elementwise as native_elementwise
 from flover_backend.triton_env import work_dir
 
 VOCAB_SIZE = 96
@@ -91,13 +92,25 @@ def attention_kernel() -> native_attention.DecodeAttentionKernel:
     return built
 
 
+def with_native_kernels(ours):
+    """`ours` running its element-wise work through the compiled kernels, as the engine has it on CPU fp32."""
+    built = native_elementwise.load(work_dir().parent / "kernels")
+    assert built is not None, "the kernels must build where the tests run"
+    ours.use_elementwise_kernels(built)
+    return ours
+
+
 def check_against_hf(ours, hf, chunk: int | None = None, kernel=None) -> None:
     """Prefill two right-padded prompts (whole, or `chunk` tokens at a time), decode a few steps (attending
-    through the compiled `kernel` if one is given), and compare each step with HF's full forward."""
+    through the compiled `kernel` if one is given, over the position-major arena the engine gives it), and
+    compare each step with HF's full forward."""
     c = ours.config
     generator = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
-    kv = torch.zeros(c.num_layers, 2, 3, c.num_kv_heads, MAX_LEN, c.head_dim)  # one spare row
+    if kernel is None:
+        kv = torch.zeros(c.num_layers, 2, 3, c.num_kv_heads, MAX_LEN, c.head_dim)  # one spare row
+    else:
+        kv = torch.zeros(c.num_layers, 2, 3, MAX_LEN, c.num_kv_heads, c.head_dim).transpose(3, 4)
     input_ids = torch.zeros(len(seqs), max(PROMPT_LENS), dtype=torch.long)
     for i, seq in enumerate(seqs):
         input_ids[i, :len(seq)] = torch.tensor(seq)
@@ -123,7 +136,7 @@ def check_against_hf(ours, hf, chunk: int | None = None, kernel=None) -> None:
             logits = ours.compute_logits(ours.forward(next_ids[:, None], batch, kv)[:, 0])
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["matmul-attention", "native-attention"])
+@pytest.mark.parametrize("native", [False, True], ids=["torch-ops", "native-kernels"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_logits_match_transformers(name, sharded, native, tmp_path):
@@ -133,7 +146,7 @@ def test_logits_match_transformers(name, sharded, native, tmp_path):
     assert (len(files) > 2) == sharded, files
     ours = load_model(tmp_path, torch.float32, "cpu")
     assert isinstance(ours, MODEL_REGISTRY[hf.config.architectures[0]])
-    check_against_hf(ours, hf, kernel=attention_kernel() if native else None)
+    check_against_hf(with_native_kernels(ours) if native else ours, hf, kernel=attention_kernel() if native else None)
 
 
 @pytest.mark.parametrize("chunk", [2, 4])
@@ -142,7 +155,8 @@ def test_prompts_written_in_chunks_give_the_same_logits(name, chunk, tmp_path):
     """Later chunks attend to the positions the row already holds, causally within the chunk."""
     hf = hf_model(name)
     hf.save_pretrained(tmp_path)
-    check_against_hf(load_model(tmp_path, torch.float32, "cpu"), hf, chunk=chunk, kernel=attention_kernel())
+    check_against_hf(with_native_kernels(load_model(tmp_path, torch.float32, "cpu")), hf, chunk=chunk,
+                     kernel=attention_kernel())
 
 
 def expected_share(state: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

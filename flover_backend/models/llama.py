@@ -302,8 +302,8 @@ class Llama(nn.Module):
         Gemma's (1 + weight) norms and GeGLU keep torch's operators."""
         swiglu = self.config.hidden_act == "silu"
         for module in self.modules():
-            covered = {RMSNorm: not getattr(module, "unit_offset", True), LlamaAttention: True, LlamaMLP: swiglu}
-            if covered.get(type(module), False):
+            if (isinstance(module, LlamaAttention) or isinstance(module, RMSNorm) and not module.unit_offset
+                    or isinstance(module, LlamaMLP) and swiglu):
                 module.kernels = kernels
 
     def prepack(self, batch_hint: int) -> None:
