@@ -19,7 +19,7 @@ from flover_backend.models.llama import LlamaConfig
 from flover_backend.models.loader import load_model, resolve_model_path
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
-from flover_backend.triton_env import work_dir
+from tests.native_kernels import built
 
 VOCAB_SIZE = 96
 PROMPT_LENS = [5, 9]
@@ -87,16 +87,12 @@ def prefill_in_chunks(ours, seqs: list[list[int]], kv: torch.Tensor, chunk: int)
 
 def attention_kernel() -> native_attention.DecodeAttentionKernel:
     """The compiled decode-attention kernel, as the engine builds it."""
-    built = native_attention.load(work_dir().parent / "kernels")
-    assert built is not None, "the kernel must build where the tests run"
-    return built
+    return built(native_attention)
 
 
 def with_native_kernels(ours):
     """`ours` running its element-wise work through the compiled kernels, as the engine has it on CPU fp32."""
-    built = native_elementwise.load(work_dir().parent / "kernels")
-    assert built is not None, "the kernels must build where the tests run"
-    ours.use_elementwise_kernels(built)
+    ours.use_elementwise_kernels(built(native_elementwise))
     return ours
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from flover_backend.layers.attention import ForwardBatch, arena_attention
 from flover_backend.native import attention as native_attention
-from flover_backend.triton_env import work_dir
+from tests.native_kernels import built
 
 MAX_LEN = 40
 
@@ -15,9 +15,7 @@ MAX_LEN = 40
 @pytest.fixture(scope="module")
 def kernel() -> native_attention.DecodeAttentionKernel:
     """The kernel as the engine builds it."""
-    built = native_attention.load(work_dir().parent / "kernels")
-    assert built is not None, "the kernel must build where the tests run"
-    return built
+    return built(native_attention)
 
 
 def arena_layer(rows: int, num_kv_heads: int, head_dim: int, seed: int,

@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 
 from flover_backend.models.llama import RMSNorm, apply_rope
 from flover_backend.native import elementwise
-from flover_backend.triton_env import work_dir
+from tests.native_kernels import built
 
 
 @pytest.fixture(scope="module")
 def kernels() -> elementwise.ElementwiseKernels:
     """The kernels as the engine builds them."""
-    built = elementwise.load(work_dir().parent / "kernels")
-    assert built is not None, "the kernels must build where the tests run"
-    return built
+    return built(elementwise)
 
 
 def random(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from flover_backend import SamplingParams
 from flover_backend.native import sampling as native_sampling
 from flover_backend.sampling_batch import BLOCK_SIZE, SamplingBatch, num_blocks
 from flover_backend.sampling_pass import sample_rows
-from flover_backend.triton_env import work_dir
+from tests.native_kernels import built
 
 # A top-p cut is checked between the cuts at top_p -/+ this: float32 masses may round a token whose mass
 # before it lands within rounding of top_p x total to either side.
@@ -20,9 +20,7 @@ TOP_P_SLACK = 1e-4
 @pytest.fixture(scope="module")
 def kernel() -> native_sampling.SamplingKernel:
     """The kernel as the engine builds it."""
-    built = native_sampling.load(work_dir().parent / "kernels")
-    assert built is not None, "the kernel must build where the tests run"
-    return built
+    return built(native_sampling)
 
 
 def exact_floor(row: np.ndarray, temperature: float, top_k: int, top_p: float) -> float:

@@ -11,7 +11,7 @@ from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.native import sampling as native_sampling
 from flover_backend.request import Request
 from flover_backend.sampler import Sampler
-from flover_backend.triton_env import work_dir
+from tests.native_kernels import built
 
 NAN, INF = float("nan"), float("inf")
 SIX_LOGITS = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0]
@@ -25,8 +25,7 @@ def new_sampler(request):
     """Makes Samplers that run the sampling pass with torch's operators, or in the CPU kernel."""
     kernel = None
     if request.param == "kernel-pass":
-        kernel = native_sampling.load(work_dir().parent / "kernels")
-        assert kernel is not None, "the kernel must build where the tests run"
+        kernel = built(native_sampling)
     return lambda: Sampler(kernel=kernel)
 
 

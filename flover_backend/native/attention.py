@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from flover_backend.native.build import load_library
+from flover_backend.native.build import declare, load_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 _INT64, _FLOAT, _POINTER = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -24,9 +24,8 @@ class DecodeAttentionKernel:
     """The built kernel: stores a decode step's keys and values in the arena, then attends."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._function = library.flover_decode_attention
-        self._function.restype = None
-        self._function.argtypes = [*[_POINTER] * 6, *[_INT64] * 3, *[_POINTER] * 3, *[_INT64] * 5, _FLOAT]
+        self._function = declare(library.flover_decode_attention,
+                                 [*[_POINTER] * 6, *[_INT64] * 3, *[_POINTER] * 3, *[_INT64] * 5, _FLOAT])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, write_pos: torch.Tensor, starts: torch.Tensor,

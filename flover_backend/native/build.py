@@ -45,6 +45,12 @@ def _build(source: Path, target: Path) -> None:
         built.replace(target)
 
 
+def declare(function: ctypes._CFuncPtr, argtypes: list, restype: type | None = None) -> ctypes._CFuncPtr:
+    """`function` with its C signature set, so ctypes converts and checks every argument of each call."""
+    function.restype, function.argtypes = restype, argtypes
+    return function
+
+
 @functools.cache
 def load_library(source: Path, build_dir: Path) -> ctypes.CDLL | None:
     """`source` built into `build_dir` on first use and loaded; None (logged once) where it cannot be."""

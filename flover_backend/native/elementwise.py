@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flover_backend.native.build import load_library
+from flover_backend.native.build import declare, load_library
 
 SOURCE = Path(__file__).with_name("elementwise.c")
 _INT64, _FLOAT, _POINTER = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -25,11 +25,11 @@ class ElementwiseKernels:
     """The built kernels; every input is float32 on the CPU, checked by the caller with `applies`."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._rms_norm = _function(library.flover_rms_norm, [_POINTER, _POINTER, _FLOAT, _INT64, _INT64, _POINTER])
-        self._add_rms_norm = _function(library.flover_add_rms_norm,
-                                       [_POINTER, _POINTER, _POINTER, _FLOAT, _INT64, _INT64, _POINTER])
-        self._rope = _function(library.flover_rope, [_POINTER, _INT64, _INT64, _INT64, _INT64, _POINTER, _POINTER])
-        self._silu_mul = _function(library.flover_silu_mul, [_POINTER, _INT64, _INT64, _POINTER])
+        self._rms_norm = declare(library.flover_rms_norm, [_POINTER, _POINTER, _FLOAT, _INT64, _INT64, _POINTER])
+        self._add_rms_norm = declare(library.flover_add_rms_norm,
+                                     [_POINTER, _POINTER, _POINTER, _FLOAT, _INT64, _INT64, _POINTER])
+        self._rope = declare(library.flover_rope, [_POINTER, _INT64, _INT64, _INT64, _INT64, _POINTER, _POINTER])
+        self._silu_mul = declare(library.flover_silu_mul, [_POINTER, _INT64, _INT64, _POINTER])
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm(x) * weight over the last dimension."""
@@ -64,11 +64,6 @@ class ElementwiseKernels:
         out = gate_up.new_empty(*gate_up.shape[:-1], width)
         self._silu_mul(gate_up.data_ptr(), gate_up.numel() // gate_up.shape[-1], width, out.data_ptr())
         return out
-
-
-def _function(function, argtypes: list) -> ctypes._CFuncPtr:
-    function.restype, function.argtypes = None, argtypes
-    return function
 
 
 @functools.cache

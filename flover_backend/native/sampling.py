@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flover_backend.native.build import load_library
+from flover_backend.native.build import declare, load_library
 
 SOURCE = Path(__file__).with_name("sampling.c")
 _INT64, _POINTER = ctypes.c_int64, ctypes.c_void_p
@@ -25,10 +25,8 @@ class SamplingKernel:
     """The built kernel: each row's floor and its token."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._function = library.flover_sample
-        self._function.restype = ctypes.c_int
-        self._function.argtypes = [_POINTER, _INT64, _INT64, _INT64, *[_POINTER] * 5, _INT64, _INT64, _POINTER,
-                                   _POINTER]
+        self._function = declare(library.flover_sample, [_POINTER, _INT64, _INT64, _INT64, *[_POINTER] * 5, _INT64,
+                                                         _INT64, _POINTER, _POINTER], ctypes.c_int)
 
     def __call__(self, logits: torch.Tensor, temperature: torch.Tensor, top: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor, log_noise: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
