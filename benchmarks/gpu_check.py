@@ -26,11 +26,15 @@ from flover_backend.models.loader import resolve_model_path
 POLICIES = ("fused", "window", "solo")
 
 
-def run_policies(base: dict, trace, label: str, policies: tuple[str, ...] = POLICIES) -> dict:
-    """Each policy on the same trace, in a fresh engine; the summaries by policy."""
+def run_policies(base: dict, trace, label: str, policies: tuple[str, ...] = POLICIES,
+                 prefill_graphs: bool = True) -> dict:
+    """Each policy on the same trace, in a fresh engine (without its prefill graphs if told); the summaries by
+    policy."""
     results = {}
     for policy in policies:
         with Engine(EngineConfig(**{"window_ms": 20.0, **base, "policy": policy})) as engine:
+            if not prefill_graphs:
+                engine.runner.prefill_graphs = None  # prompt chunks in eager forwards, as before they existed
             summary = measure(engine, trace)
         results[policy] = summary
         print(f"{label:<22} {policy:>6}: {summary['total_s']:7.2f}s {summary['tokens_per_s']:8.1f} tok/s "
@@ -96,16 +100,17 @@ def summary_table(results: dict) -> str:
     """The short Markdown table printed last: whatever parts have figures, and the errors of those that failed."""
     title = (f"{results['card']}, {results['model']} {results['dtype']}, "
              f"{results['requests']} requests x {results['gen_len']} tokens")
-    lines = [title, "", "| run | total (s) | tokens/s |", "|---|---|---|"]
+    lines = [title, "", "| run | total (s) | tokens/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---|---|---|---|"]
     exp1 = results.get("exp1", {})
     for policy, summary in exp1.get(str(results["requests"]), {}).items():
-        lines.append(f"| exp1 {policy} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} |")
+        lines.append(_table_row(f"exp1 {policy}", summary))
     for name, label in (("exp1_fused_eager", "exp1 fused, no CUDA graphs"),
+                        ("exp1_no_prefill_graphs", "exp1 fused, decode graphs only"),
                         ("transformers_generate_batch", "transformers generate_batch (all at once)"),
                         ("fused_same_prompts", "fused, same prompts all at once")):
         summary = results.get(name, {})
         if "total_s" in summary:
-            lines.append(f"| {label} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} |")
+            lines.append(_table_row(label, summary))
     steps = results.get("decode_steps", {})
     if "graphs" in steps:
         captured = f"{len(steps['graph_shapes'])} graphs captured" if "graph_shapes" in steps else "no graphs (CPU)"
@@ -119,6 +124,12 @@ def summary_table(results: dict) -> str:
     errors = [f"- {name}: {part['error']}" for name, part in results.items()
               if isinstance(part, dict) and "error" in part]
     return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
+
+
+def _table_row(label: str, summary: dict) -> str:
+    """One run's row; TTFT and TPOT where the run measured them (transformers' batch call does not)."""
+    latencies = [f"{summary[key] * 1e3:.1f}" if key in summary else "-" for key in ("ttft_p50_s", "tpot_p50_s")]
+    return f"| {label} | {summary['total_s']:.2f} | {summary['tokens_per_s']:.1f} | {' | '.join(latencies)} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     run_part(results, "exp1_fused_eager", lambda: run_policies({**base, "cuda_graphs": False}, constant[requests],
                                                                f"exp1 N={requests} eager", ("fused",))["fused"],
              args.out)
+    run_part(results, "exp1_no_prefill_graphs", lambda: run_policies(
+        base, constant[requests], f"exp1 N={requests} no prefill graphs", ("fused",), prefill_graphs=False)["fused"],
+        args.out)
     run_part(results, "transformers_generate_batch",
              lambda: transformers_batch(resolve_model_path(model), all_at_once, getattr(torch, dtype), device), args.out)
     run_part(results, "fused_same_prompts",

@@ -92,22 +92,32 @@ class DecodeGraphs:
         return self.model(self.input_ids[:batch], forward_batch, self.kv)[:, 0]
 
     def _capture(self, batch: int, num_keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """Warm the shape up on a side stream, then record it into the shared pool; None (and eager) on failure."""
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):
-                # Lazy initialisations (cuBLAS handles, workspaces) must happen outside the capture. The
-                # warm-up writes the same keys the replay will, so running it on live inputs is harmless.
-                self._forward(batch, num_keys)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self._forward(batch, num_keys)
-        except RuntimeError:
-            log.exception("CUDA graph capture of decode batch %d x %d keys failed; decoding eagerly", batch, num_keys)
+        """Record the shape; None (and eager decoding from now on) if that fails."""
+        captured = record_graph(lambda: self._forward(batch, num_keys), self.pool)
+        if captured is None:
+            log.error("CUDA graph capture of decode batch %d x %d keys failed; decoding eagerly", batch, num_keys)
             self.capture = False
-            return None
-        log.info("captured the decode step for batch %d x %d keys (%d shapes)", batch, num_keys, len(self.graphs) + 1)
-        return graph, output
+        else:
+            log.info("captured the decode step for batch %d x %d keys (%d shapes)", batch, num_keys,
+                     len(self.graphs) + 1)
+        return captured
+
+
+def record_graph(forward: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    """Warm `forward` up on a side stream, then record it into `pool`: the graph and its output; None on failure."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            # Lazy initialisations (cuBLAS handles, workspaces) must happen outside the capture. The
+            # warm-up writes the same keys the replay will, so running it on live inputs is harmless.
+            forward()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = forward()
+    except RuntimeError:
+        log.exception("CUDA graph capture failed")
+        return None
+    return graph, output

@@ -15,6 +15,7 @@ from flover_backend.layers.attention import ForwardBatch
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
+from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
@@ -145,9 +146,14 @@ class ModelRunner:
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
         self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
                                           self.dtype) if use_graphs else None
+        self.prefill_graphs = None
         if self.decode_graphs is not None:
+            # A chunk is at most the iteration's prompt budget, and no prompt outgrows the arena.
+            max_width = min(config.max_prefill_tokens or config.max_model_len, config.max_model_len)
+            self.prefill_graphs = PrefillGraphs(self.model, self.arena.tensor, max_width, self.decode_graphs.pool)
             with torch.inference_mode():
                 self.decode_graphs.capture_batch_sizes()
+                self.prefill_graphs.capture_widths(free_row=0)
 
     def bind_thread(self) -> None:
         """Make the runner's GPU the calling thread's current device: CuPy, graph capture and NCCL use it."""
@@ -255,9 +261,16 @@ class ModelRunner:
 
     def _prefill(self, plan: StepPlan) -> torch.Tensor:
         """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends
-        its prompt, in plan order."""
+        its prompt, in plan order. A few first chunks replay prefill graphs; the rest share eager forwards."""
         last_states: dict[int, torch.Tensor] = {}
-        for group in prefill_groups([len(chunk) for chunk in plan.prefill_token_ids]):
+        graphed = self._graphed_chunks(plan)
+        for chunk in graphed:
+            state = self.prefill_graphs(plan.prefill_rows[chunk], plan.prefill_token_ids[chunk])
+            if plan.prefill_last[chunk]:
+                last_states[chunk] = state
+        eager = [chunk for chunk in range(len(plan.prefill_rows)) if chunk not in graphed]
+        for group in prefill_groups([len(plan.prefill_token_ids[chunk]) for chunk in eager]):
+            group = [eager[i] for i in group]
             hidden, last_index = self._prefill_forward(plan, group)
             for position, chunk in enumerate(group):
                 if plan.prefill_last[chunk]:
@@ -265,6 +278,15 @@ class ModelRunner:
         if not last_states:
             return torch.empty(0, device=self.device)
         return torch.stack([last_states[chunk] for chunk in sorted(last_states)])
+
+    def _graphed_chunks(self, plan: StepPlan) -> list[int]:
+        """The chunks (indices) that replay a prefill graph: those that start their prompt and fit a width,
+        unless there are more than MAX_GRAPHED_CHUNKS of them (then none)."""
+        if self.prefill_graphs is None:
+            return []
+        chunks = [chunk for chunk, (start, tokens) in enumerate(zip(plan.prefill_starts, plan.prefill_token_ids))
+                  if start == 0 and self.prefill_graphs.covers(len(tokens))]
+        return chunks if len(chunks) <= MAX_GRAPHED_CHUNKS else []
 
     def _prefill_forward(self, plan: StepPlan, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over the chunks `group` (indices into the plan's), right-padded to one width; its hidden

@@ -15,6 +15,7 @@ from flover_backend import (
 )
 from flover_backend.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
 from flover_backend.model_runner import MAX_PREFILL_PADDING, PREFILL_ALIGN, prefill_groups
+from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs, width_buckets
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
            "hello hello hello", "0123456789", "Zebras", "What is the capital of France?"]
@@ -93,6 +94,52 @@ def static_decode(shapes: list):
     return prepare
 
 
+def static_prefill(widths: list):
+    """A `prepare` that makes the runner decode through DecodeGraphs' padded shapes and write first prompt
+    chunks through PrefillGraphs' padded widths, as on a GPU, recording the widths (run eagerly here)."""
+    def prepare(engine: Engine) -> None:
+        static_decode([])(engine)
+        runner, config = engine.runner, engine.config
+        graphs = PrefillGraphs(runner.model, runner.arena.tensor, config.max_prefill_tokens or config.max_model_len)
+        forward = graphs._forward
+        graphs._forward = lambda width: widths.append(width) or forward(width)
+        runner.prefill_graphs = graphs
+    return prepare
+
+
+@pytest.mark.parametrize("overrides", [{}, {"compaction": False}, {"max_prefill_tokens": 3}],
+                         ids=["compaction", "holes", "chunked-prefill"])
+def test_padded_static_prefill_equals_alone(greedy_jobs, alone, overrides):
+    widths: list = []
+    fused = run_staggered(engine_config(**overrides), greedy_jobs, prepare=static_prefill(widths))
+    assert [token_ids(got) for got in fused] == [token_ids(want) for want in alone]
+    assert widths and set(widths) <= set(width_buckets(overrides.get("max_prefill_tokens") or 96))
+
+
+def test_more_first_chunks_than_graphed_share_an_eager_forward(alone, greedy_jobs):
+    """Past MAX_GRAPHED_CHUNKS first chunks in one iteration, none replays: one batched eager forward is cheaper."""
+    jobs = greedy_jobs[:MAX_GRAPHED_CHUNKS + 1]
+    widths: list = []
+    engine = Engine(engine_config(max_num_seqs=len(jobs)))
+    try:
+        static_prefill(widths)(engine)
+        outputs: dict = {}
+        ids = [engine.add_request(prompt, params, on_output=lambda o: outputs.setdefault(o.req_id, []).append(o))
+               for prompt, params in jobs]
+        engine.step()
+        assert widths == []
+        engine.run_until_idle()
+    finally:
+        engine.stop()
+    assert [token_ids(outputs[req_id]) for req_id in ids] == [token_ids(want) for want in alone[:len(jobs)]]
+
+
+def test_width_buckets():
+    assert width_buckets(96) == [16, 32, 64, 96]
+    assert width_buckets(256) == [16, 32, 64, 128, 256]
+    assert width_buckets(3) == [3]
+
+
 @pytest.mark.parametrize("compaction", [True, False], ids=["compaction", "holes"])
 def test_padded_static_decode_equals_alone(greedy_jobs, alone, compaction):
     shapes: list = []
@@ -120,21 +167,21 @@ def test_static_decode_across_key_buckets():
     assert {256, 512} <= {num_keys for _, num_keys in shapes}
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["fused-forward", "graph-decode"])
+@pytest.mark.parametrize("graphs", [None, "decode", "prefill"], ids=["fused-forward", "graph-decode", "graph-prefill"])
 @pytest.mark.parametrize("chunk_budget", [0, 40])
 def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_budget, graphs):
     """Prompts of very different lengths arriving together, some with decoding rows beside them, whole or in
     chunks: each gets the tokens it gets alone. Eagerly, an iteration is one forward of all its tokens end to
     end; with graph decoding, prompt chunks run in forwards of their own, each padded by at most
-    MAX_PREFILL_PADDING positions."""
+    MAX_PREFILL_PADDING positions; with prefill graphs too, each first chunk replays its width's graph."""
     long_prompt = [3 + (i * 7919) % 250 for i in range(80)]
     jobs = [(long_prompt, 6), (long_prompt[:5], 7), (long_prompt[10:50], 5), (long_prompt[:9], 4)]
 
     def run(policy: str) -> tuple[list[list[int]], list[list[int]]]:
         """Each job's tokens, and the (batch, width) of each forward of the first iteration."""
         engine = Engine(engine_config(max_prefill_tokens=chunk_budget, policy=policy))
-        if graphs:
-            static_decode([])(engine)
+        if graphs is not None:
+            (static_prefill([]) if graphs == "prefill" else static_decode([]))(engine)
         shapes: list[list[int]] = []
         engine.runner.model.register_forward_hook(lambda _, args, out: shapes.append(list(args[0].shape)))
         outputs: dict = {}
@@ -153,7 +200,8 @@ def test_prompts_of_very_different_lengths_prefilled_together_equal_alone(chunk_
     assert run("solo")[0] == fused
     if not chunk_budget:  # all four prompts in the first iteration (80 + 5 + 40 + 9 tokens)
         # graph decoding: 80 alone, 40 with 9 (padded by 31), 5 alone; eagerly: one forward, 134 -> 136 tokens
-        assert sorted(first_step) == ([[1, 8], [1, 80], [2, 40]] if graphs else [[1, 136]])
+        assert sorted(first_step) == {None: [[1, 136]], "decode": [[1, 8], [1, 80], [2, 40]],
+                                      "prefill": [[1, 16], [1, 16], [1, 64], [1, 96]]}[graphs]
 
 
 def test_prefill_groups_pad_each_chunk_little_and_cover_every_chunk():

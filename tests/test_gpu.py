@@ -71,6 +71,9 @@ def test_cuda_graph_replays_equal_eager_decode():
     assert eager_engine.runner.decode_graphs is None
     assert graphs.capture, "a capture failed and the engine fell back to eager decoding (see the log)"
     assert graphs.num_replays > 0 and (3, 96) in graphs.graphs  # 3 rows, 96 keys: the whole arena
+    prefill = engine.runner.prefill_graphs
+    assert prefill.capture, "a prefill capture failed and prompts ran eagerly (see the log)"
+    assert prefill.num_replays > 0 and set(prefill.graphs) == {16, 32, 64, 96}
     assert graphed == eager
 
 
