@@ -126,6 +126,26 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
 
 
+def prefill_graphs_ab(base: dict, traces: dict, repeats: int, out: Path) -> dict:
+    """Fused runs with and without prefill graphs, alternating, `repeats` times each per trace; written to
+    `out/prefill_graphs_ab.{json,md}` after every run."""
+    results: dict = {name: {"with": [], "without": []} for name in traces}
+    for _ in range(repeats):
+        for name, trace in traces.items():
+            for side in ("with", "without"):
+                summary = run_policies(base, trace, f"{name} {side}", ("fused",), prefill_graphs=side == "with")
+                results[name][side].append(summary["fused"])
+        lines = ["| trace | prefill graphs | total (s) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
+                 "TPOT p99 (ms) | mean latency (s) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {side} | {r['total_s']:.3f} | {r['ttft_p50_s'] * 1e3:.1f} | {r['ttft_p99_s'] * 1e3:.1f} | "
+                  f"{r['tpot_p50_s'] * 1e3:.2f} | {r['tpot_p99_s'] * 1e3:.2f} | {r['mean_latency_s']:.3f} |"
+                  for name, sides in results.items() for side, runs in sides.items() for r in runs]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prefill_graphs_ab.json").write_text(json.dumps(results, indent=2))
+        (out / "prefill_graphs_ab.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
 def _table_row(label: str, summary: dict) -> str:
     """One run's row; TTFT and TPOT where the run measured them (transformers' batch call does not)."""
     latencies = [f"{summary[key] * 1e3:.1f}" if key in summary else "-" for key in ("ttft_p50_s", "tpot_p50_s")]
@@ -137,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few requests: checks the script")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
+    parser.add_argument("--prefill-graphs-ab", type=int, default=0, metavar="N",
+                        help="only compare fused runs with and without prefill graphs, alternating, N times each")
     args = parser.parse_args(argv)
     model, device, dtype = ("builtin:tiny", "cpu", "float32") if args.smoke else ("builtin:1b", "cuda", "bfloat16")
     counts, gen_len = ([1, 4], 8) if args.smoke else ([1, 8, 32], 128)
@@ -147,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     constant = {n: make_trace(n, interval_s=0.01, gen_len=(gen_len,) * 2) for n in counts}
     all_at_once = make_trace(requests, interval_s=0.0, gen_len=(gen_len,) * 2, seed=3)
 
+    if args.prefill_graphs_ab:
+        poisson = make_trace(requests, mean_gap_s=0.005, gen_len=(gen_len // 2, gen_len), seed=7)
+        prefill_graphs_ab(base, {"exp1": constant[requests], "exp3_gap_5ms": poisson}, args.prefill_graphs_ab, args.out)
+        print((args.out / "prefill_graphs_ab.md").read_text())
+        return 0
     run_part(results, "decode_steps", lambda: decode_steps(base, sorted({1, 8, requests})), args.out)
     # Experiments 1 and 2: constant arrivals, and throughput by requests in flight.
     run_part(results, "exp1", lambda: {str(n): run_policies(base, constant[n], f"exp1 N={n}") for n in counts},
