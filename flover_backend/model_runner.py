@@ -12,6 +12,7 @@ from flover_backend.config import EngineConfig
 from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
+from flover_backend.layers.linear import use_small_gemm
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
@@ -19,6 +20,7 @@ from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
+from flover_backend.native import small_gemm as native_small_gemm
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
@@ -125,6 +127,10 @@ class ModelRunner:
             elementwise_kernels = native_elementwise.load(kernels_dir)
             if elementwise_kernels is not None:
                 self.model.use_elementwise_kernels(elementwise_kernels)
+        if config.native_small_gemm and self.device.type == "cpu" and self.dtype == torch.float32:
+            small_gemm = native_small_gemm.load(kernels_dir)
+            if small_gemm is not None:
+                use_small_gemm(self.model, small_gemm)
         self.attention_kernel = (native_attention.load(kernels_dir)
                                  if config.native_attention and native_attention.supports(self.device, self.dtype)
                                  else None)

@@ -13,12 +13,14 @@ from transformers import GPT2Config as HFGPT2Config
 from transformers import LlamaConfig as HFLlamaConfig
 
 from flover_backend.layers.attention import ForwardBatch
+from flover_backend.layers.linear import use_small_gemm
 from flover_backend.models import MODEL_REGISTRY, loader
 from flover_backend.models.gpt2 import GPT2Config
 from flover_backend.models.llama import LlamaConfig
 from flover_backend.models.loader import load_model, resolve_model_path
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
+from flover_backend.native import small_gemm as native_small_gemm
 from tests.native_kernels import built
 
 VOCAB_SIZE = 96
@@ -91,8 +93,11 @@ def attention_kernel() -> native_attention.DecodeAttentionKernel:
 
 
 def with_native_kernels(ours):
-    """`ours` running its element-wise work through the compiled kernels, as the engine has it on CPU fp32."""
+    """`ours` running its element-wise work and its few-row matmuls through the compiled kernels, over oneDNN-packed
+    weights, as the engine has it on CPU fp32."""
     ours.use_elementwise_kernels(built(native_elementwise))
+    ours.prepack(4)
+    use_small_gemm(ours, built(native_small_gemm))
     return ours
 
 

@@ -18,16 +18,18 @@ def test_without_a_compiler_the_engine_serves_the_same_tokens_on_torch(tmp_path,
                                 prepare=lambda engine: kernels.extend(
                                     [engine.runner.attention_kernel is not None, engine.runner.sampler.kernel is not None,
                                      _position_major(engine.runner.arena.tensor),
-                                     engine.runner.model.model.norm.kernels is not None]))
+                                     engine.runner.model.model.norm.kernels is not None,
+                                     engine.runner.model.lm_head.small_gemm is not None]))
         return [token_ids(output) for output in outputs], kernels
 
     with_kernels, used = serve()
-    assert used == [True, True, True, True]  # the attention kernel gets the position-major arena it streams
+    assert used == [True, True, True, True, True]  # the attention kernel gets the position-major arena it streams
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setenv("FLOVER_HOME", str(tmp_path))  # where no kernel was built before
     without_kernels, used = serve()
-    assert used == [False, False, False, False] and not list((tmp_path / "kernels").glob("*.so"))
-    assert all(f"{kernel}.c is unavailable" in caplog.text for kernel in ("decode_attention", "sampling", "elementwise"))
+    assert used == [False, False, False, False, False] and not list((tmp_path / "kernels").glob("*.so"))
+    assert all(f"{kernel}.c is unavailable" in caplog.text for kernel in ("decode_attention", "sampling", "elementwise",
+                                                                       "small_gemm"))
     assert without_kernels == with_kernels
 
 

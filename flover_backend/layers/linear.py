@@ -12,6 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from flover_backend.native.small_gemm import MAX_ROWS as SMALL_GEMM_MAX_ROWS
+from flover_backend.native.small_gemm import SmallGemmKernel
+
 
 class MergedColumnParallelLinear(nn.Linear):
     """Several projections of the same input stacked into one matmul (q/k/v, gate/up).
@@ -74,10 +77,19 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.small_gemm: SmallGemmKernel | None = None  # set by `use_small_gemm`
+        self.panels: torch.Tensor | None = None
+
+    def use_small_gemm(self, kernel: SmallGemmKernel) -> None:
+        """Multiply 1 to kernel.MAX_ROWS rows through `kernel`, over a copy of the weight packed in its panels."""
+        self.small_gemm, self.panels = kernel, kernel.pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The packed matmul (of at least MIN_PACKED_ROWS rows, see there)."""
+        """The small-row kernel where set and the rows fit it, else the packed matmul (of at least
+        MIN_PACKED_ROWS rows, see there)."""
         rows = x.numel() // x.shape[-1]
+        if self.small_gemm is not None and 1 <= rows <= SMALL_GEMM_MAX_ROWS:
+            return self.small_gemm.linear(x, self.panels, self.bias, self.weight.shape[0])
         if rows >= MIN_PACKED_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         flat = x.reshape(rows, x.shape[-1])
@@ -107,3 +119,11 @@ def pack_linears(module: nn.Module, batch_hint: int) -> int:
                 setattr(parent, name, PackedLinear(child.weight, child.bias, batch_hint))
                 swapped += 1
     return swapped
+
+
+def use_small_gemm(module: nn.Module, kernel: SmallGemmKernel) -> int:
+    """Give every PackedLinear under `module` the small-row kernel; returns how many took it."""
+    layers = [layer for layer in module.modules() if isinstance(layer, PackedLinear)]
+    for layer in layers:
+        layer.use_small_gemm(kernel)
+    return len(layers)
