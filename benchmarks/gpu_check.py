@@ -135,8 +135,8 @@ def prefill_graphs_ab(base: dict, traces: dict, repeats: int, out: Path) -> dict
             for side in ("with", "without"):
                 summary = run_policies(base, trace, f"{name} {side}", ("fused",), prefill_graphs=side == "with")
                 results[name][side].append(summary["fused"])
-        lines = ["| trace | prefill graphs | total (s) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
-                 "TPOT p99 (ms) | mean latency (s) |", "|---|---|---|---|---|---|---|---|"]
+        lines = [("| trace | prefill graphs | total (s) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
+                  "TPOT p99 (ms) | mean latency (s) |"), "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {side} | {r['total_s']:.3f} | {r['ttft_p50_s'] * 1e3:.1f} | {r['ttft_p99_s'] * 1e3:.1f} | "
                   f"{r['tpot_p50_s'] * 1e3:.2f} | {r['tpot_p99_s'] * 1e3:.2f} | {r['mean_latency_s']:.3f} |"
                   for name, sides in results.items() for side, runs in sides.items() for r in runs]

@@ -16,11 +16,11 @@ from flover_backend.layers.linear import use_small_gemm
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
-from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
 from flover_backend.native import small_gemm as native_small_gemm
+from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs
 from flover_backend.row_table import RowMove
 from flover_backend.sampler import Sampler
 from flover_backend.scheduler import SchedulerOutput
