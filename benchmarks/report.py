@@ -27,6 +27,11 @@ OTHER_RESULTS = {  # written by other commands into the same folder
                                       "attention kernel against batched matmuls, steps in turns",
     "setting_ab_native_elementwise.md": "`python -m benchmarks.setting_ab --set native_elementwise=false`: the "
                                         "element-wise kernels against torch's operators, steps in turns",
+    "setting_ab_native_small_gemm_1row.md": "`python -m benchmarks.setting_ab --set native_small_gemm=false "
+                                            "--rows 1`: the few-row linear kernel against oneDNN's packed matmul",
+    "setting_ab_native_small_gemm_4rows.md": "the same at `--rows 4`",
+    "gemm_table.md": "`python -m benchmarks.gemm_table`: the model's matmuls at 1 / 4 / 8 / 32 rows by MKL, oneDNN, "
+                     "the few-row kernel and inductor",
 }
 
 
