@@ -1,4 +1,4 @@
-"""All of a model's matmul weights at 1 / 4 / 8 / 32 rows, side by side: MKL (`F.linear`), oneDNN's packed
+"""All of a model's matmul weights at 1 / 4 / 8 / 12 / 16 / 32 rows, side by side: MKL (`F.linear`), oneDNN's packed
 matmul, the few-row C kernel (native/small_gemm.c), and inductor with frozen weights, default and max-autotune.
 
 `python -m benchmarks.gemm_table`: best of 7 for each, the methods alternating within every repeat, written
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["MKL F.linear", "oneDNN packed", "small_gemm.c", "inductor", "inductor max-autotune"]
     lines = ["| rows | " + " | ".join(f"{name} (ms)" for name in names) + " |", "|---|" + "---|" * len(names)]
     with torch.no_grad():  # not inference_mode: compiled graphs refuse inference tensors
-        for rows in (1, 4, 8, 32):
+        for rows in (1, 4, 8, 12, 16, 32):
             inputs = [torch.randn(rows, w.shape[1]) for w in weights]
             timed = methods(weights, rows, inputs)
             best = {name: float("inf") for name in timed}
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
+            del timed  # the compiled graphs hold their own packed copies of every weight
+            torch._dynamo.reset()
             cells = [f"{best[name] * 1e3:.1f}" if name in best else "-" for name in names]
             lines.append(f"| {rows} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)

@@ -1,4 +1,4 @@
-"""The CPU linear layer for 1-4 rows (small_gemm.c): weights packed in 32-column panels, streamed once per call.
+"""The CPU linear layer for 1-12 rows (small_gemm.c): weights packed in 32-column panels, streamed once per call.
 Built and loaded like the attention kernel; where no C compiler works, `load()` says so in the log and linear
 layers keep oneDNN's packed matmul at every row count."""
 
@@ -14,7 +14,7 @@ from flover_backend.native.build import declare, load_library
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 PANEL = 32
-MAX_ROWS = 4
+MAX_ROWS = 12  # as in small_gemm.c
 _INT64, _POINTER = ctypes.c_int64, ctypes.c_void_p
 
 
