@@ -30,6 +30,7 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "setting_ab_native_small_gemm_1row.md": "`python -m benchmarks.setting_ab --set native_small_gemm=false "
                                             "--rows 1`: the few-row linear kernel against oneDNN's packed matmul",
     "setting_ab_native_small_gemm_4rows.md": "the same at `--rows 4`",
+    "setting_ab_native_small_gemm_8rows.md": "the same at `--rows 8`",
     "gemm_table.md": "`python -m benchmarks.gemm_table`: the model's matmuls at 1 / 4 / 8 / 32 rows by MKL, oneDNN, "
                      "the few-row kernel and inductor",
 }
