@@ -123,14 +123,14 @@ class ModelRunner:
         sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
             else None
         self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
-        if config.native_elementwise and self.device.type == "cpu" and self.dtype == torch.float32:
-            elementwise_kernels = native_elementwise.load(kernels_dir)
-            if elementwise_kernels is not None:
-                self.model.use_elementwise_kernels(elementwise_kernels)
-        if config.native_small_gemm and self.device.type == "cpu" and self.dtype == torch.float32:
-            small_gemm = native_small_gemm.load(kernels_dir)
-            if small_gemm is not None:
-                use_small_gemm(self.model, small_gemm)
+        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32  # what the layer kernels take
+        elementwise_kernels = native_elementwise.load(kernels_dir) if config.native_elementwise and cpu_float32 \
+            else None
+        if elementwise_kernels is not None:
+            self.model.use_elementwise_kernels(elementwise_kernels)
+        small_gemm = native_small_gemm.load(kernels_dir) if config.native_small_gemm and cpu_float32 else None
+        if small_gemm is not None:
+            use_small_gemm(self.model, small_gemm)
         self.attention_kernel = (native_attention.load(kernels_dir)
                                  if config.native_attention and native_attention.supports(self.device, self.dtype)
                                  else None)
