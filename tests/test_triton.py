@@ -46,6 +46,9 @@ def server(tmp_path_factory, builtin_home):
                              variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2}),
                                        "flover_busy": ("flover", {"policy": "window", "window_ms": 600_000,
                                                                  "max_num_waiting": 2, "log_level": "warning"}),
+                                       # The tiny model's whole context: a request of ~1000 tokens outlives the
+                                       # 0.1 s ticks of cancel polls and metric updates many times over.
+                                       "flover_long": ("flover", {"max_model_len": 1024}),
                                        # Admits two requests together, in arrival order, whenever two wait.
                                        "flover_pair": ("flover", {"policy": "window", "window_ms": 600_000,
                                                                  "max_batch": 2})})
@@ -155,25 +158,36 @@ def http_status(server, path: str) -> int:
 
 
 def test_cancel_frees_row_and_others_finish(server):
+    """A cancelled request's row is freed while another runs on, and that one still gets every token.
+
+    The victim is cancelled as soon as both streams have a token, so the row is freed within a few 0.1 s
+    ticks of cancel polls and metric updates, while the keeper has most of its 1000 tokens still to go.
+    """
+    model, max_tokens = "flover_long", 1000
     keeper_chunks = []
-    keeper = threading.Thread(target=lambda: keeper_chunks.extend(
-        stream_grpc(server.grpc_url, "flover", text_input="keep going", max_tokens=230, ignore_eos=True)))
+
+    def keep() -> None:
+        for chunk in GrpcStream(server.grpc_url, model, {"text_input": "keep going", "max_tokens": max_tokens,
+                                                         "ignore_eos": True}):
+            keeper_chunks.append(chunk)
+
+    keeper = threading.Thread(target=keep)
     keeper.start()
-    victim = GrpcStream(server.grpc_url, "flover", {"text_input": "cancel me", "max_tokens": 230, "ignore_eos": True})
-    chunks = iter(victim)
-    next(chunks)
-
-    def both_hold_rows() -> bool:
-        page = metrics_page(server)
-        return (metric(server, "flover_requests_running", page=page) == 2
-                and metric(server, "flover_arena_rows_in_use", page=page) == 2
-                and metric(server, "flover_kv_cache_bytes_in_use", page=page) > 0)
-
-    assert wait_for(both_hold_rows)
+    assert wait_for(lambda: keeper_chunks)
+    victim = GrpcStream(server.grpc_url, model, {"text_input": "cancel me", "max_tokens": max_tokens, "ignore_eos": True})
+    next(iter(victim))
     victim.cancel()
-    assert wait_for(lambda: metric(server, "flover_requests_running") == 1)  # freed while the keeper runs
+
+    def keeper_alone_holds_a_row() -> bool:
+        page = metrics_page(server)
+        return (metric(server, "flover_requests_running", model, page=page) == 1
+                and metric(server, "flover_arena_rows_in_use", model, page=page) == 1
+                and metric(server, "flover_kv_cache_bytes_in_use", model, page=page) > 0)
+
+    assert wait_for(keeper_alone_holds_a_row)
+    assert keeper_chunks[-1].finish_reason is None  # the keeper was still running
     keeper.join(timeout=120)
-    assert sum(len(c.token_ids) for c in keeper_chunks) == 230 and keeper_chunks[-1].finish_reason == "length"
+    assert sum(len(c.token_ids) for c in keeper_chunks) == max_tokens and keeper_chunks[-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -375,19 +389,21 @@ def test_perf_analyzer_streams_against_flover(server, tmp_path):
 
 
 def test_dropped_http_connection_cancels_generation(server):
-    before = metric(server, "flover_generated_tokens_total")
-    body = json.dumps({"text_input": "drop me", "max_tokens": 230, "ignore_eos": True}).encode()
+    model, max_tokens = "flover_long", 1000
+    before = metric(server, "flover_generated_tokens_total", model)
+    body = json.dumps({"text_input": "drop me", "max_tokens": max_tokens, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        sock.sendall(b"POST /v2/models/flover/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (model.encode(), len(body), body))
         received = b""
         while b"text_output" not in received:  # until the first token arrives: generation is under way
             chunk = sock.recv(65536)
             assert chunk, "the server closed the stream before the first token"
             received += chunk
-    assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
+    assert wait_for(lambda: metric(server, "flover_requests_running", model) == 0)
     time.sleep(0.3)
-    assert metric(server, "flover_generated_tokens_total") - before < 230  # stopped early, row freed
+    assert metric(server, "flover_generated_tokens_total", model) - before < max_tokens  # stopped early, row freed
 
 
 def parent(pid: int) -> int:
