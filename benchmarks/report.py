@@ -33,6 +33,9 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "setting_ab_native_small_gemm_8rows.md": "the same at `--rows 8`",
     "gemm_table.md": "`python -m benchmarks.gemm_table`: the model's matmuls at 1 / 4 / 8 / 32 rows by MKL, oneDNN, "
                      "the few-row kernel and inductor",
+    "server_overhead.md": "the overhead section alone (its runs: server_overhead.json); `--overhead-only` reruns it",
+    "gpu/gpu_check.md": "`bash benchmarks/gpu_check.sh` on a lent NVIDIA H200 (`gpu/card.txt`), the fifth session",
+    "gpu/run3/gpu_check.md": "the same script on another H200, on the code of the sixth session",
 }
 
 
@@ -70,10 +73,8 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
                       *(f"{r[v]['iterations']:.0f}" for v in variants), f"{r['fused']['compaction_bytes'] / 1e6:.1f} MB"]
                      for r in exp4])
     over = results["overhead"]
-    lines += ["## Triton's own overhead and the decode step against this machine's floor", "",
-              (f"{over['streams']} concurrent streams: in-process {over['in_process_tokens_per_s']:.1f} tok/s, "
-               f"through Triton {over['server_tokens_per_s']:.1f} tok/s "
-               f"(ratio {over['server_over_in_process']:.3f})."), ""]
+    lines += ["## Triton's own overhead and the decode step against this machine's floor", ""]
+    lines += overhead_section(over)
     lines += _table(["batch", "decode step (ms)", "floor (ms)", "step / floor"],
                     [[r["batch_size"], f"{r['step_s'] * 1e3:.1f}", f"{r['floor_s'] * 1e3:.1f}", f"{r['ratio']:.2f}"]
                      for r in over["decode_steps"]])
@@ -93,6 +94,25 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     return (f"{name}: N={last['num_requests']} fused {last['total_s']['fused']:.1f}s, "
             f"{last['speedup_vs']['instances']:.1f}x faster than instances, {last['speedup_vs']['window']:.1f}x than "
             f"window; results in {out_dir / 'README.md'}")
+
+
+def overhead_section(over: dict) -> list[str]:
+    """The same traces in-process and through Triton, in turns: each round's figures and the median ratios."""
+    lines = [(f"All requests at once, in-process, then through the server over gRPC and over HTTP (both streamed), "
+              f"{over['rounds']} rounds in turns; server / in-process is the median over rounds."), ""]
+    rows = []
+    for case in over["cases"]:
+        shape = f"{case['streams']} x {case['gen_len']}"
+        for number, run in enumerate(case["runs"], 1):
+            rows.append([shape, number, *(" / ".join(f"{side[key] * scale:.{digits}f}" for side in run.values())
+                                          for key, scale, digits in (("tokens_per_s", 1, 1), ("tpot_p50_s", 1e3, 1),
+                                                                     ("ttft_p50_s", 1e3, 0)))])
+        ratio = case["server_over_in_process"]
+        rows.append([shape, "gRPC / HTTP over in-process", " / ".join(f"{r['tokens_per_s']:.3f}" for r in ratio.values()),
+                     " / ".join(f"{r['tpot_p50_s']:.3f}" for r in ratio.values()), ""])
+    sides = "in-process / gRPC / HTTP"
+    return lines + _table(["streams x tokens", "round", f"tokens/s {sides}", f"TPOT p50 (ms) {sides}",
+                           f"TTFT p50 (ms) {sides}"], rows)
 
 
 def peer_section(peer: dict) -> list[str]:

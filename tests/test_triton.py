@@ -166,12 +166,8 @@ def test_cancel_frees_row_and_others_finish(server):
     model, max_tokens = "flover_long", 1000
     keeper_chunks = []
 
-    def keep() -> None:
-        for chunk in GrpcStream(server.grpc_url, model, {"text_input": "keep going", "max_tokens": max_tokens,
-                                                         "ignore_eos": True}):
-            keeper_chunks.append(chunk)
-
-    keeper = threading.Thread(target=keep)
+    keeper = threading.Thread(target=lambda: keeper_chunks.extend(GrpcStream(  # appends each chunk as it comes
+        server.grpc_url, model, {"text_input": "keep going", "max_tokens": max_tokens, "ignore_eos": True})))
     keeper.start()
     assert wait_for(lambda: keeper_chunks)
     victim = GrpcStream(server.grpc_url, model, {"text_input": "cancel me", "max_tokens": max_tokens, "ignore_eos": True})
