@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from flover_backend.layers.linear import PackedLinear
+
 
 def _best_of(fn, repeats: int, device: torch.device) -> float:
     def timed() -> float:
@@ -40,7 +42,8 @@ def decode_floor(weight_bytes: int, num_params: int, batch_size: int, bandwidth:
 
 
 def weight_footprint(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes, parameters) a decode step reads: each tensor once, tied weights counted once."""
+    """(bytes, parameters) a decode step reads: each tensor once, tied weights counted once, and the matrices
+    that packed layers hold only in their own layouts."""
     seen, num_bytes, num_params = set(), 0, 0
     for param in model.parameters():
         if param.data_ptr() in seen:
@@ -48,21 +51,24 @@ def weight_footprint(model: torch.nn.Module) -> tuple[int, int]:
         seen.add(param.data_ptr())
         num_bytes += param.numel() * param.element_size()
         num_params += param.numel()
+    for layer in model.modules():
+        if isinstance(layer, PackedLinear) and layer.weight is None:
+            num_bytes += layer.weight_bytes
+            num_params += layer.in_features * layer.out_features
     return num_bytes, num_params
 
 
 def linear_rate(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
     """FLOP per second of the model's matmuls (every linear layer, the LM head included) on `rows` rows, each
     layer's weights read from memory as in a decode step; best of `repeats` passes over all of them."""
-    layers = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-              and m.weight.dim() == 2 and not isinstance(m, torch.nn.Embedding)]
-    device = layers[0].weight.device
-    inputs = [torch.randn(rows, layer.weight.shape[1], device=device, dtype=layer.weight.dtype) for layer in layers]
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    some = next(model.parameters())
+    inputs = [torch.randn(rows, layer.in_features, device=some.device, dtype=some.dtype) for layer in layers]
 
     def every_layer() -> None:
         with torch.inference_mode():
             for layer, x in zip(layers, inputs):
                 layer(x)
 
-    flop = sum(2 * rows * layer.weight.numel() for layer in layers)
-    return flop / _best_of(every_layer, repeats, device)
+    flop = sum(2 * rows * layer.in_features * layer.out_features for layer in layers)
+    return flop / _best_of(every_layer, repeats, some.device)

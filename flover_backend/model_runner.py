@@ -12,7 +12,6 @@ from flover_backend.config import EngineConfig
 from flover_backend.decode_graphs import DecodeGraphs
 from flover_backend.kv_arena import KVArena
 from flover_backend.layers.attention import ForwardBatch
-from flover_backend.layers.linear import use_small_gemm
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.models import eos_token_ids
 from flover_backend.models.loader import load_model
@@ -116,21 +115,19 @@ class ModelRunner:
         # Before any worker starts, so a shape that cannot be split fails first.
         self.model = load_model(model_path, self.dtype, self.device, rank, world)
         self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
-        self.model.prepack(config.max_num_seqs)
         model_config = self.model.config
         # Kernels are built (or found built) now, so the compiler never runs inside a step under load.
         kernels_dir = work_dir().parent / "kernels"
+        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32  # what the layer kernels take
+        small_gemm = native_small_gemm.load(kernels_dir) if config.native_small_gemm and cpu_float32 else None
+        self.model.prepack(config.max_num_seqs, small_gemm)
         sampling_kernel = native_sampling.load(kernels_dir) if config.native_sampling and self.device.type == "cpu" \
             else None
         self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
-        cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32  # what the layer kernels take
         elementwise_kernels = native_elementwise.load(kernels_dir) if config.native_elementwise and cpu_float32 \
             else None
         if elementwise_kernels is not None:
             self.model.use_elementwise_kernels(elementwise_kernels)
-        small_gemm = native_small_gemm.load(kernels_dir) if config.native_small_gemm and cpu_float32 else None
-        if small_gemm is not None:
-            use_small_gemm(self.model, small_gemm)
         self.attention_kernel = (native_attention.load(kernels_dir)
                                  if config.native_attention and native_attention.supports(self.device, self.dtype)
                                  else None)

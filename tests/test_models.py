@@ -13,7 +13,6 @@ from transformers import GPT2Config as HFGPT2Config
 from transformers import LlamaConfig as HFLlamaConfig
 
 from flover_backend.layers.attention import ForwardBatch
-from flover_backend.layers.linear import use_small_gemm
 from flover_backend.models import MODEL_REGISTRY, loader
 from flover_backend.models.gpt2 import GPT2Config
 from flover_backend.models.llama import LlamaConfig
@@ -96,8 +95,7 @@ def with_native_kernels(ours):
     """`ours` running its element-wise work and its few-row matmuls through the compiled kernels, over oneDNN-packed
     weights, as the engine has it on CPU fp32."""
     ours.use_elementwise_kernels(built(native_elementwise))
-    ours.prepack(4)
-    use_small_gemm(ours, built(native_small_gemm))
+    ours.prepack(4, built(native_small_gemm))
     return ours
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flover_backend.layers.linear import PackedLinear, can_pack, use_small_gemm
+from flover_backend.layers.linear import PackedLinear, can_pack
 from flover_backend.native import small_gemm
 from tests.native_kernels import built
 
@@ -39,9 +39,7 @@ def test_kernel_refuses_more_rows_than_it_takes(kernel):
 @pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch build has no oneDNN")
 def test_packed_linear_takes_the_kernel_for_few_rows_and_onednn_beyond(kernel, monkeypatch):
     layer = nn.Linear(48, 40)
-    packed = PackedLinear(layer.weight.detach(), layer.bias.detach(), batch_hint=32)
-    model = nn.Sequential(packed, nn.ReLU())
-    assert use_small_gemm(model, kernel) == 1
+    packed = PackedLinear(layer.weight.detach(), layer.bias.detach(), batch_hint=32, small_gemm=kernel)
     calls = []
     linear = kernel.linear
     monkeypatch.setattr(kernel, "linear", lambda *args: calls.append(args[0].shape) or linear(*args))

@@ -1,5 +1,7 @@
 """oneDNN-packed linear layers against the plain matmul they replace, at every row count the engine runs."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -38,3 +40,18 @@ def test_pack_linears_swaps_plain_linear_layers_only():
     assert pack_linears(model, batch_hint=4) == 2
     assert isinstance(model[0], PackedLinear) and isinstance(model[2][0], PackedLinear)
     assert isinstance(model[1], nn.ReLU)
+
+
+def test_packed_layers_drop_the_row_major_weight_unless_tied():
+    """Laid out in oneDNN's blocks, a layer lets its row-major weight go (a copy of every matrix less); a tied LM
+    head keeps its reference, since the embedding holds that matrix anyway."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.Embedding(32, 64))
+    dropped = weakref.ref(model[0].weight)
+    assert pack_linears(model, batch_hint=4) == 1
+    assert dropped() is None
+    assert model[0].weight is None and model[0].weight_bytes == 64 * 32 * 4
+    head = PackedLinear(model[1].weight, None, batch_hint=4, tied=True)
+    assert head.weight is model[1].weight
+    with torch.inference_mode():
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(head(x), x @ model[1].weight.T, rtol=1e-5, atol=1e-5)

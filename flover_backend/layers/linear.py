@@ -67,29 +67,32 @@ MIN_PACKED_ROWS = 4
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b, with W kept in oneDNN's blocked layout.
+    """y = x W^T + b, with W kept in oneDNN's blocked layout (and in the few-row kernel's panels where given one).
 
     Measured here (2 threads, fp32, a decode step's weights streamed from memory): oneDNN's packed matmul beats
     the plain F.linear (MKL) at every row count, 1.7x at 1 row, 3x at 2, 2x at 32 (EPYC Zen 3 and Zen 4 alike).
+    The row-major W is not kept once laid out (it would be a third copy of every weight), unless `tied`: then it
+    is another module's too (a tied LM head's embedding matrix) and stays there anyway.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int,
+                 small_gemm: SmallGemmKernel | None = None, tied: bool = False):
         super().__init__()
-        self.weight, self.bias = weight, bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.small_gemm: SmallGemmKernel | None = None  # set by `use_small_gemm`
-        self.panels: torch.Tensor | None = None
-
-    def use_small_gemm(self, kernel: SmallGemmKernel) -> None:
-        """Multiply 1 to kernel.MAX_ROWS rows through `kernel`, over a copy of the weight packed in its panels."""
-        self.small_gemm, self.panels = kernel, kernel.pack(self.weight)
+        self.out_features, self.in_features = weight.shape
+        self.weight_bytes = weight.numel() * weight.element_size()  # what one pass reads, in either layout
+        self.weight = weight if tied else None
+        self.bias = bias
+        with torch.no_grad():  # a recorded graph would keep the row-major weight alive
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+            self.panels = small_gemm.pack(weight) if small_gemm is not None else None
+        self.small_gemm = small_gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The small-row kernel where set and the rows fit it, else the packed matmul (of at least
         MIN_PACKED_ROWS rows, see there)."""
         rows = x.numel() // x.shape[-1]
         if self.small_gemm is not None and 1 <= rows <= SMALL_GEMM_MAX_ROWS:
-            return self.small_gemm.linear(x, self.panels, self.bias, self.weight.shape[0])
+            return self.small_gemm.linear(x, self.panels, self.bias, self.out_features)
         if rows >= MIN_PACKED_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         flat = x.reshape(rows, x.shape[-1])
@@ -110,20 +113,13 @@ def _is_plain_matmul(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear)
 
 
-def pack_linears(module: nn.Module, batch_hint: int) -> int:
-    """Swap every plain linear layer under `module` for a PackedLinear, in place; returns how many were swapped."""
+def pack_linears(module: nn.Module, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> int:
+    """Swap every plain linear layer under `module` for a PackedLinear (with `small_gemm` for few rows), in place;
+    returns how many were swapped."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if _is_plain_matmul(child) and can_pack(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, child.bias, batch_hint))
+                setattr(parent, name, PackedLinear(child.weight, child.bias, batch_hint, small_gemm))
                 swapped += 1
     return swapped
-
-
-def use_small_gemm(module: nn.Module, kernel: SmallGemmKernel) -> int:
-    """Give every PackedLinear under `module` the small-row kernel; returns how many took it."""
-    layers = [layer for layer in module.modules() if isinstance(layer, PackedLinear)]
-    for layer in layers:
-        layer.use_small_gemm(kernel)
-    return len(layers)

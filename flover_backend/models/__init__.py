@@ -11,6 +11,7 @@ from flover_backend.models.gpt2 import GPT2
 from flover_backend.models.gptj import GPTJ
 from flover_backend.models.llama import Llama
 from flover_backend.native.elementwise import ElementwiseKernels
+from flover_backend.native.small_gemm import SmallGemmKernel
 
 
 class ModelConfig(Protocol):
@@ -54,8 +55,9 @@ class CausalLM(Protocol):
         """(N, hidden) -> (N, vocab) float32 logits (the LM head only)."""
         ...
 
-    def prepack(self, batch_hint: int) -> None:
-        """Lay the weights out for decoding up to `batch_hint` rows on this device, once after loading."""
+    def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
+        """Lay the weights out for decoding up to `batch_hint` rows on this device, once after loading (their
+        few-row matmuls through `small_gemm` where given)."""
         ...
 
     def use_elementwise_kernels(self, kernels: ElementwiseKernels) -> None:

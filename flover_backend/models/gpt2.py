@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flover_backend.layers.attention import ForwardBatch, arena_attention
+from flover_backend.native.small_gemm import SmallGemmKernel
 
 
 @dataclass
@@ -181,5 +182,5 @@ class GPT2(nn.Module):
     def use_elementwise_kernels(self, kernels) -> None:
         """Nothing: the kernels cover RMSNorm, rotary and SwiGLU, and GPT-2's LayerNorm and GELU are none of them."""
 
-    def prepack(self, batch_hint: int) -> None:
+    def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Nothing to lay out: Conv1D keeps HF's (in, out) weights, which oneDNN's linear packing does not take."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from flover_backend.layers.attention import ForwardBatch, arena_attention
 from flover_backend.layers.linear import MergedColumnParallelLinear, RowParallelLinear, pack_linears
+from flover_backend.native.small_gemm import SmallGemmKernel
 
 
 @dataclass
@@ -201,6 +202,6 @@ class GPTJ(nn.Module):
     def use_elementwise_kernels(self, kernels) -> None:
         """Nothing: the kernels cover RMSNorm, rotary and SwiGLU, and GPT-J's LayerNorm and GELU are none of them."""
 
-    def prepack(self, batch_hint: int) -> None:
+    def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
-        pack_linears(self, batch_hint)
+        pack_linears(self, batch_hint, small_gemm)

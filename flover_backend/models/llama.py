@@ -20,6 +20,7 @@ from flover_backend.layers.linear import (
     pack_linears,
 )
 from flover_backend.native.elementwise import ElementwiseKernels, applies
+from flover_backend.native.small_gemm import SmallGemmKernel
 
 # Gemma's "gelu" is the tanh approximation too: transformers rewrites it so (huggingface/transformers#29402).
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
@@ -306,8 +307,8 @@ class Llama(nn.Module):
                     or isinstance(module, LlamaMLP) and swiglu):
                 module.kernels = kernels
 
-    def prepack(self, batch_hint: int) -> None:
+    def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
         if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
-            self.lm_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint)  # the tied matrix
-        pack_linears(self, batch_hint)
+            self.lm_head = PackedLinear(self.model.embed_tokens.weight, None, batch_hint, small_gemm, tied=True)
+        pack_linears(self, batch_hint, small_gemm)
