@@ -43,7 +43,7 @@ PROMPT = "Temporal fusion on Triton"
 def server(tmp_path_factory, builtin_home):
     repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", settings=SETTINGS,
                              instance_counts={"flover_instances": 2},
-                             variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2}),
+                             variants={"flover_tp2": ("flover", {"tensor_parallel_size": 2, "max_model_len": 1024}),
                                        "flover_busy": ("flover", {"policy": "window", "window_ms": 600_000,
                                                                  "max_num_waiting": 2, "log_level": "warning"}),
                                        # The tiny model's whole context: a request of ~1000 tokens outlives the
@@ -408,7 +408,8 @@ def parent(pid: int) -> int:
 
 def test_lost_tensor_parallel_worker_fails_requests_clearly_and_unloads_the_model(server):
     """Runs last: flover_tp2 is gone afterwards, and the server reports not ready."""
-    stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 200, "ignore_eos": True}))
+    # 1000 tokens: the request is still running when the worker dies, however fast the machine.
+    stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 1000, "ignore_eos": True}))
     next(stream)
     found = subprocess.run(["pgrep", "-f", "flover_backend.worker_main"], capture_output=True, text=True,
                            check=True)
