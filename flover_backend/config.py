@@ -29,7 +29,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
     native_attention: bool = True  # CPU fp32 decode attention in the compiled kernel (native/decode_attention.c)
     native_elementwise: bool = True  # CPU fp32 RMSNorm, rotary and SwiGLU in native/elementwise.c (Llama family)
-    native_small_gemm: bool = True  # CPU fp32 linear layers at 1-12 rows in native/small_gemm.c (a third weight copy)
+    native_small_gemm: bool = True  # CPU fp32 linear layers at 1-12 rows in native/small_gemm.c (own weight layout)
     native_sampling: bool = True  # CPU sampling pass (top-k / top-p floors, race) in native/sampling.c
     max_prefill_tokens: int = 256  # prompt tokens written per iteration (chunked prefill); 0: whole prompts
     max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
