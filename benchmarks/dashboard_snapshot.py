@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt
 
 from benchmarks.dashboard_queries import Sample, evaluate, parse_page
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "flover.json"

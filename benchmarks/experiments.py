@@ -26,8 +26,8 @@ from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
 
 POLICY_MODELS = {"fused": "flover", "window": "flover_window", "instances": "flover_instances"}
 

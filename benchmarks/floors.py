@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from flover_backend.layers.linear import PackedLinear
+from flover_backend.execution.layers.linear import PackedLinear
 
 
 def _best_of(fn, repeats: int, device: torch.device) -> float:

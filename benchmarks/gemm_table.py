@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flover_backend.native import small_gemm
-from flover_backend.triton_env import work_dir
+from flover_backend.paths import kernels_dir
 
 SHAPES = [(2304, 768), (768, 768), (4096, 768), (768, 2048)] * 12 + [(32000, 768)]  # (out, in), builtin:small
 
@@ -43,7 +43,7 @@ def methods(weights: list[torch.Tensor], rows: int, inputs: list[torch.Tensor]) 
     found = {"MKL F.linear": lambda: [F.linear(x, w) for x, w in zip(inputs, weights)],
              "oneDNN packed": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                                        for x, p in zip(inputs, packed)]}
-    kernel = small_gemm.load(work_dir().parent / "kernels")
+    kernel = small_gemm.load(kernels_dir())
     if kernel is not None and rows <= small_gemm.MAX_ROWS:
         panels = [kernel.pack(w) for w in weights]
         found["small_gemm.c"] = lambda: [kernel.linear(x, p, None, w.shape[0])

@@ -21,7 +21,7 @@ import torch
 from benchmarks.inprocess import decode_sweep, measure
 from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig
-from flover_backend.models.loader import resolve_model_path
+from flover_backend.execution.models.loader import resolve_model_path
 
 POLICIES = ("fused", "window", "solo")
 

@@ -12,7 +12,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLOVER_HOME=${FLOVER_HOME:-/tmp/flover-home} HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
 # Written before the timed parts start: the ~1B checkpoint takes a while to draw and write.
-timeout 60 python3 -c "from flover_backend.models.builtin import builtin_checkpoint as c; c('tiny'); c('1b')"
+timeout 60 python3 -c "from flover_backend.execution.models.builtin import builtin_checkpoint as c; c('tiny'); c('1b')"
 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 timeout 210 python3 -m benchmarks.gpu_check --out "$out" 2>&1 | tee "$out/gpu_check.log"

@@ -13,7 +13,7 @@ from benchmarks.vllm_peer import CACHE_DIR, VllmServer, vllm_description
 from clients.loadgen import openai_sender, replay
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
 from clients.workload import make_trace, percentile, summarize
-from flover_backend.models.builtin import export_builtin
+from flover_backend.execution.models.builtin import export_builtin
 
 PEER_KEYS = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s",
              "total_s")

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from flover_backend.native import sampling as native_sampling
+from flover_backend.paths import kernels_dir
 from flover_backend.request import Request
-from flover_backend.sampler import Sampler
-from flover_backend.sampling_params import SamplingParams
-from flover_backend.triton_env import work_dir
+from flover_backend.sampling.params import SamplingParams
+from flover_backend.sampling.sampler import Sampler
 
 NUM_ROWS, VOCAB_SIZE, TEMPERATURE = 32, 32000, 0.8
 
 
 class PerRowSampler(Sampler):
-    """BASELINE, not the product: flover_backend/sampler.py's Sampler as it was before issue 15 (its per-request
+    """BASELINE, not the product: flover_backend/sampling/sampler.py's Sampler as it was before issue 15 (its per-request
     generators are the Sampler's own, unchanged), so both run side by side on the same machine and logits."""
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
@@ -114,7 +114,7 @@ def time_side_by_side(samplers: dict[str, Callable], requests: list[Request], st
 
 def run(calls: int) -> dict:
     """Every setting, every sampler; the figures as one dict."""
-    kernel = native_sampling.load(work_dir().parent / "kernels")
+    kernel = native_sampling.load(kernels_dir())
     if kernel is None:
         raise SystemExit("the sampling kernel could not be built (see the warning above)")
     rows = []

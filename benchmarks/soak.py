@@ -22,9 +22,9 @@ from pathlib import Path
 
 from clients.triton_stream import GrpcStream, stream_http
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
-from flover_backend.watchdog import find_stubs
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
+from flover_backend.server.watchdog import find_stubs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLE_EVERY_S = 15.0

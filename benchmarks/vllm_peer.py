@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from flover_backend.server_process import ServerProcess
+from flover_backend.server.process import ServerProcess
 from flover_backend.triton_env import PROJECT_ROOT
 
 CACHE_DIR = PROJECT_ROOT / ".cache"

@@ -17,8 +17,8 @@ from rich.table import Table
 from clients.loadgen import replay, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
 
 METRIC_LINE = re.compile(r'^(flover_\w+)\{[^}]*model="flover"[^}]*\} (\S+)$', re.MULTILINE)
 

@@ -4,10 +4,10 @@ import importlib
 
 # Lazy, so light users (the Triton adapter's parsing, the launcher, clients) don't pay for importing torch.
 _PUBLIC = {
-    "Engine": "flover_backend.engine",
-    "RequestOutput": "flover_backend.engine",
+    "Engine": "flover_backend.engine.engine",
+    "RequestOutput": "flover_backend.engine.engine",
     "EngineConfig": "flover_backend.config",
-    "SamplingParams": "flover_backend.sampling_params",
+    "SamplingParams": "flover_backend.sampling.params",
     "InvalidRequestError": "flover_backend.errors",
     "EngineDeadError": "flover_backend.errors",
     "EngineBusyError": "flover_backend.errors",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from flover_backend import offline, serve
+from flover_backend.engine import offline
+from flover_backend.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from flover_backend.sampling_params import SamplingParams
+from flover_backend.sampling.params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

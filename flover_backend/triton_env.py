@@ -13,7 +13,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from flover_backend.paths import PROJECT_ROOT, flover_home
+
 NGC_TRITON = Path("/opt/tritonserver")
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 STUB = "triton_python_backend_stub"
@@ -26,12 +27,8 @@ GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # tritonserv
 
 
 def work_dir() -> Path:
-    """Where the launcher keeps generated files: $FLOVER_HOME/triton, else .cache/flover/triton."""
-    if os.environ.get("FLOVER_HOME"):
-        return Path(os.environ["FLOVER_HOME"]) / "triton"
-    if (PROJECT_ROOT / "pyproject.toml").exists():  # a checkout, where /.cache/ is git-ignored
-        return PROJECT_ROOT / ".cache" / "flover" / "triton"
-    return Path.home() / ".cache" / "flover" / "triton"
+    """Where the launcher keeps generated files (repositories, logs, the stub's environment)."""
+    return flover_home() / "triton"
 
 
 def in_ngc_container() -> bool:

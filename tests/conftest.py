@@ -15,7 +15,9 @@ def builtin_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(builtin_home):
     """The built-in tiny checkpoint, written once per session under `builtin_home`."""
-    from flover_backend.models.builtin import builtin_checkpoint  # here: tests that never use it skip torch
+    from flover_backend.execution.models.builtin import (
+        builtin_checkpoint,  # here: tests that never use it skip torch
+    )
 
     return builtin_checkpoint("tiny")
 
@@ -26,7 +28,7 @@ def sequence_logits():
     computed in one prefill outside the engine: (len, vocab)."""
     import torch
 
-    from flover_backend.layers.attention import ForwardBatch
+    from flover_backend.execution.layers.attention import ForwardBatch
 
     def logits(engine, token_ids: list[int]) -> torch.Tensor:
         model = engine.runner.model

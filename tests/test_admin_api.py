@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from flover_backend.serve import TritonServer
+from flover_backend.server.serve import TritonServer
 from tests.echo_server import free_ports, write_repository
 
 pytestmark = pytest.mark.triton

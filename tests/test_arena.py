@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_backend.kv_arena import KVArena
-from flover_backend.row_table import RowMove, RowTable
+from flover_backend.execution.kv_arena import KVArena
+from flover_backend.execution.row_table import RowMove, RowTable
 
 NUM_ROWS, MAX_LEN = 6, 12
 

@@ -9,16 +9,16 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flover_backend.layers.attention import ForwardBatch
-from flover_backend.models.builtin import (
+from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.models.builtin import (
     MARKER_FILE,
     VOCAB_SIZE,
     builtin_checkpoint,
     builtin_config,
     export_builtin,
 )
-from flover_backend.models.llama import Llama, LlamaConfig
-from flover_backend.models.loader import load_model, load_tokenizer, resolve_model_path
+from flover_backend.execution.models.llama import Llama, LlamaConfig
+from flover_backend.execution.models.loader import load_model, load_tokenizer, resolve_model_path
 
 ENGLISH = "The quick brown fox jumps over the lazy dog, and then it sleeps in the warm afternoon sun."
 

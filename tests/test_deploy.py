@@ -19,8 +19,8 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
 
 from flover_backend.cli import build_parser
 from flover_backend.config import EngineConfig
-from flover_backend.serve import run_serve
-from flover_backend.triton_model.metrics import HISTOGRAM, METRICS
+from flover_backend.frontends.triton.metrics import HISTOGRAM, METRICS
+from flover_backend.server.serve import run_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

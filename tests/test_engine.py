@@ -13,9 +13,9 @@ from flover_backend import (
     InvalidRequestError,
     SamplingParams,
 )
-from flover_backend.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
-from flover_backend.model_runner import MAX_PREFILL_PADDING, PREFILL_ALIGN, prefill_groups
-from flover_backend.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs, width_buckets
+from flover_backend.execution.decode_graphs import DecodeGraphs, batch_buckets, key_bucket
+from flover_backend.execution.model_runner import MAX_PREFILL_PADDING, PREFILL_ALIGN, prefill_groups
+from flover_backend.execution.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs, width_buckets
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "a", "Temporal fusion merges requests at every boundary",
            "hello hello hello", "0123456789", "Zebras", "What is the capital of France?"]

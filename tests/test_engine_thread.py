@@ -5,9 +5,9 @@ import threading
 import pytest
 
 from flover_backend import Engine, SamplingParams
-from flover_backend.engine_thread import EngineThread
+from flover_backend.engine.thread import EngineThread
 from flover_backend.errors import EngineDeadError
-from flover_backend.model_runner import ModelRunner
+from flover_backend.execution.model_runner import ModelRunner
 from tests.test_engine import engine_config
 from tests.waiting import wait_for
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from benchmarks.floors import linear_rate, weight_footprint
-from flover_backend.layers.linear import can_pack
-from flover_backend.models.builtin import builtin_checkpoint, export_builtin
-from flover_backend.models.loader import load_model
+from flover_backend.execution.layers.linear import can_pack
+from flover_backend.execution.models.builtin import builtin_checkpoint, export_builtin
+from flover_backend.execution.models.loader import load_model
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch build has no oneDNN")
 

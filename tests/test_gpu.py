@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, SamplingParams
-from flover_backend.layers.attention import ForwardBatch
-from flover_backend.models.loader import load_model, resolve_model_path
+from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.models.loader import load_model, resolve_model_path
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, InvalidRequestError, SamplingParams
-from flover_backend.logprobs import TokenLogprobs, vllm_logprobs
 from flover_backend.request import Request
-from flover_backend.sampler import Sampler
+from flover_backend.sampling.logprobs import TokenLogprobs, vllm_logprobs
+from flover_backend.sampling.sampler import Sampler
 
 LOGITS = [2.0, 1.0, 0.5, -1.0, 3.0]
 

@@ -6,9 +6,9 @@ from typing import ClassVar
 
 import pytest
 
-from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
+from flover_backend.engine.stats import EngineStats, FinishedRecord, IterationRecord
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
-from flover_backend.triton_model.metrics import (
+from flover_backend.frontends.triton.metrics import (
     COUNTER,
     HISTOGRAM,
     METRICS,

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GPTJConfig, MistralC
 from transformers import GPT2Config as HFGPT2Config
 from transformers import LlamaConfig as HFLlamaConfig
 
-from flover_backend.layers.attention import ForwardBatch
-from flover_backend.models import MODEL_REGISTRY, loader
-from flover_backend.models.gpt2 import GPT2Config
-from flover_backend.models.llama import LlamaConfig
-from flover_backend.models.loader import load_model, resolve_model_path
+from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.models import MODEL_REGISTRY, loader
+from flover_backend.execution.models.gpt2 import GPT2Config
+from flover_backend.execution.models.llama import LlamaConfig
+from flover_backend.execution.models.loader import load_model, resolve_model_path
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import small_gemm as native_small_gemm

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_backend.layers.attention import ForwardBatch, arena_attention
+from flover_backend.execution.layers.attention import ForwardBatch, arena_attention
 from flover_backend.native import attention as native_attention
 from tests.native_kernels import built
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flover_backend.models.llama import RMSNorm, apply_rope
+from flover_backend.execution.models.llama import RMSNorm, apply_rope
 from flover_backend.native import elementwise
 from tests.native_kernels import built
 

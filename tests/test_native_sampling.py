@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from flover_backend import SamplingParams
 from flover_backend.native import sampling as native_sampling
-from flover_backend.sampling_batch import BLOCK_SIZE, SamplingBatch, num_blocks
-from flover_backend.sampling_pass import sample_rows
+from flover_backend.sampling.batch import BLOCK_SIZE, SamplingBatch, num_blocks
+from flover_backend.sampling.sampling_pass import sample_rows
 from tests.native_kernels import built
 
 # A top-p cut is checked between the cuts at top_p -/+ this: float32 masses may round a token whose mass

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flover_backend.layers.linear import PackedLinear, can_pack
+from flover_backend.execution.layers.linear import PackedLinear, can_pack
 from flover_backend.native import small_gemm
 from tests.native_kernels import built
 

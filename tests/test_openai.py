@@ -18,12 +18,12 @@ from starlette.testclient import TestClient
 from transformers import AutoTokenizer
 
 from flover_backend import Engine, EngineConfig, SamplingParams
-from flover_backend.openai_front.app import FrontSettings, create_app
-from flover_backend.openai_front.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
-from flover_backend.openai_front.launcher import OpenAIFront
+from flover_backend.frontends.openai.app import FrontSettings, create_app
+from flover_backend.frontends.openai.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
+from flover_backend.server.openai_launcher import OpenAIFront
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
 from flover_backend.triton_env import PROJECT_ROOT
 from tests.waiting import wait_for
 

@@ -2,12 +2,12 @@
 
 import pytest
 
-from flover_backend.detokenizer import IncrementalDetokenizer
-from flover_backend.models.builtin import EOS_TOKEN_ID
-from flover_backend.models.loader import load_tokenizer
-from flover_backend.output_processor import OutputProcessor
+from flover_backend.engine.detokenizer import IncrementalDetokenizer
+from flover_backend.engine.output_processor import OutputProcessor
+from flover_backend.execution.models.builtin import EOS_TOKEN_ID
+from flover_backend.execution.models.loader import load_tokenizer
 from flover_backend.request import Request, RequestStatus
-from flover_backend.sampling_params import SamplingParams
+from flover_backend.sampling.params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flover_backend.layers.linear import MIN_PACKED_ROWS, PackedLinear, can_pack, pack_linears
+from flover_backend.execution.layers.linear import MIN_PACKED_ROWS, PackedLinear, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch build has no oneDNN")
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flover_backend.errors import InvalidRequestError
-from flover_backend.repository import derive_repository, set_parameter
+from flover_backend.frontends.triton import parsing
+from flover_backend.frontends.triton.schema import INPUTS, OUTPUTS
+from flover_backend.server.repository import derive_repository, set_parameter
 from flover_backend.triton_env import PROJECT_ROOT
-from flover_backend.triton_model import parsing
-from flover_backend.triton_model.schema import INPUTS, OUTPUTS
 
 LIMITS = parsing.RequestLimits(max_prompt_bytes=1000, max_prompt_tokens=100)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, InvalidRequestError, SamplingParams
-from flover_backend.penalties import TokenCounts, apply_penalties
 from flover_backend.request import Request
-from flover_backend.sampler import Sampler
+from flover_backend.sampling.penalties import TokenCounts, apply_penalties
+from flover_backend.sampling.sampler import Sampler
 from tests.test_engine import drive
 
 NEG_INF = float("-inf")

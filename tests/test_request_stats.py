@@ -6,7 +6,7 @@ import re
 import pytest
 
 from flover_backend import Engine, EngineConfig, SamplingParams
-from flover_backend.engine_stats import RecordLog
+from flover_backend.engine.stats import RecordLog
 
 SECRET = "confidential prompt text"
 
@@ -22,7 +22,7 @@ def length_params(max_tokens: int) -> SamplingParams:
 
 def finished_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "flover_backend.engine" and r.levelno == logging.INFO and r.getMessage().startswith("finished")]
+            if r.name == "flover_backend.engine.engine" and r.levelno == logging.INFO and r.getMessage().startswith("finished")]
 
 
 def test_a_finished_request_logs_one_line_with_its_counts_and_not_its_prompt(caplog):
@@ -120,7 +120,7 @@ def test_record_log_hands_each_record_once_and_stays_bounded():
 
 @pytest.mark.parametrize("level", ["debug", "error"])
 def test_configure_logging_sets_the_package_level_and_one_handler(level):
-    from flover_backend.triton_model.logs import configure_logging
+    from flover_backend.frontends.triton.logs import configure_logging
 
     package = logging.getLogger("flover_backend")
     saved = package.handlers, package.level, package.propagate

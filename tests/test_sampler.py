@@ -10,7 +10,7 @@ import torch
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.native import sampling as native_sampling
 from flover_backend.request import Request
-from flover_backend.sampler import Sampler
+from flover_backend.sampling.sampler import Sampler
 from tests.native_kernels import built
 
 NAN, INF = float("nan"), float("inf")

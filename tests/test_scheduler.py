@@ -3,9 +3,9 @@
 import pytest
 
 from flover_backend.config import EngineConfig
+from flover_backend.engine.scheduler import Scheduler
 from flover_backend.request import Request, RequestStatus
-from flover_backend.sampling_params import SamplingParams
-from flover_backend.scheduler import Scheduler
+from flover_backend.sampling.params import SamplingParams
 
 
 def make_scheduler(**overrides) -> Scheduler:

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
 from flover_backend.cli import build_parser
-from flover_backend.serve import TritonServer, TritonServerError, model_settings
+from flover_backend.server.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 from tests.echo_server import free_ports, group_members, launch_cli, write_repository
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flover_backend.ports import find_free_port
-from flover_backend.server_process import ServerProcess, ServerProcessError
+from flover_backend.server.process import ServerProcess, ServerProcessError
 
 
 class Server(ServerProcess):

@@ -1,4 +1,4 @@
-"""The package's import graph: no cycles, layers and models import nothing above them, benchmarks stay outside."""
+"""The package's import graph: no cycles, each layer imports only the layers under it, benchmarks stay outside."""
 
 import ast
 import importlib
@@ -9,7 +9,7 @@ import pytest
 PACKAGE = "flover_backend"
 ROOT = Path(__file__).resolve().parents[1]
 # Not importable in a test process: the first runs the CLI, the second needs the module only Triton's stub has.
-NOT_IMPORTABLE = {"flover_backend.__main__", "flover_backend.triton_model.adapter"}
+NOT_IMPORTABLE = {"flover_backend.__main__", "flover_backend.frontends.triton.adapter"}
 
 
 def module_names() -> list[str]:
@@ -80,29 +80,63 @@ def test_find_cycle_finds_one():
 
 def test_graph_sees_the_package_imports():
     graph = import_graph()
-    assert "flover_backend.model_runner" in graph["flover_backend.engine"]
-    assert "flover_backend.models.loader" in graph["flover_backend.model_runner"]
-    assert "flover_backend.layers.linear" in graph["flover_backend.models.llama"]
+    assert "flover_backend.execution.model_runner" in graph["flover_backend.engine.engine"]
+    assert "flover_backend.execution.models.loader" in graph["flover_backend.execution.model_runner"]
+    assert "flover_backend.execution.layers.linear" in graph["flover_backend.execution.models.llama"]
 
 
 def test_the_package_has_no_import_cycle():
     assert find_cycle(import_graph()) is None
 
 
-def test_nothing_below_imports_above():
-    """engine -> scheduler / runner -> model -> layers -> native: layers import no model, models nothing above
-    them, and the C kernels' wrappers nothing of the package but each other."""
+# The layers, bottom to top: what each package of flover_backend may import besides itself. The base modules
+# (config, errors, paths, ports, request, triton_env) sit under every layer and import no layer.
+BASE = ("config", "errors", "paths", "ports", "request", "triton_env")
+LAYERS = {
+    "native": (),  # the C kernels: nothing of the package
+    "sampling": ("native",),
+    "execution.layers": ("native",),
+    "execution.models": ("execution.layers", "native"),
+    "execution": ("sampling", "native"),
+    "engine": ("execution", "sampling", "native"),
+    "server": (),  # the launcher, its watchdog and processes: light, no torch, no engine
+    "frontends.openai": ("sampling.params",),  # a light process: neither torch nor the model loader
+    "frontends.triton": ("engine", "sampling"),
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The most specific layer `module` belongs to, by dotted prefix (without the package name)."""
+    name = module.removeprefix(f"{PACKAGE}.")
+    owners = [layer for layer in LAYERS if name == layer or name.startswith(f"{layer}.")]
+    return max(owners, key=len) if owners else None
+
+
+def allowed(layer: str, target: str) -> bool:
+    """Whether a module of `layer` may import `target` (a dotted module name)."""
+    name = target.removeprefix(f"{PACKAGE}.")
+    if name.split(".")[0] in BASE and name.count(".") == 0:
+        return True
+    return any(name == ok or name.startswith(f"{ok}.") for ok in (layer, *LAYERS[layer]))
+
+
+def test_base_modules_import_no_layer():
     for module, imports in import_graph().items():
-        if module.startswith("flover_backend.native"):
-            assert all(name.startswith("flover_backend.native") for name in imports), (module, imports)
-        if module.startswith("flover_backend.layers"):
-            assert all(name.startswith(("flover_backend.layers", "flover_backend.native")) for name in imports), (
+        if module.removeprefix(f"{PACKAGE}.") in BASE:
+            assert all(name.removeprefix(f"{PACKAGE}.") in BASE + ("sampling.params",) for name in imports), (
                 module, imports)
-        if module.startswith("flover_backend.models"):
-            assert all(name.startswith(("flover_backend.models", "flover_backend.layers", "flover_backend.native"))
-                       for name in imports), (module, imports)
-        if not module.startswith("flover_backend.triton_model"):
-            assert not any(name.startswith("flover_backend.triton_model") for name in imports), (module, imports)
+
+
+def test_nothing_below_imports_above():
+    """Each layer imports only itself, the layers under it and the base modules; nothing imports a front."""
+    graph = import_graph()
+    for module, imports in graph.items():
+        layer = layer_of(module)
+        if layer is not None:
+            assert all(allowed(layer, name) for name in imports), (module, sorted(
+                name for name in imports if not allowed(layer, name)))
+    for layer in LAYERS:  # every layer has modules: a renamed package must not slip out of the rules
+        assert any(layer_of(module) == layer for module in graph), layer
 
 
 def test_the_package_imports_neither_benchmarks_nor_clients():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, EngineDeadError, SamplingParams
-from flover_backend.workers import rank_device
+from flover_backend.execution.workers import rank_device
 
 JOBS = [(prompt, SamplingParams(max_tokens=5 + 4 * i, ignore_eos=True))
         for i, prompt in enumerate(["The quick brown fox", "Once upon a time", "a", "hello hello hello"])]

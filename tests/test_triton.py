@@ -28,10 +28,10 @@ from clients.triton_stream import (
 )
 from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.frontends.triton.metrics import METRICS
 from flover_backend.ports import find_free_port
-from flover_backend.repository import derive_repository
-from flover_backend.serve import TritonServer
-from flover_backend.triton_model.metrics import METRICS
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
@@ -349,28 +349,29 @@ def test_arena_gauges_and_compaction_follow_the_rows(server):
         page = metrics_page(server)
         published = (metric(server, "flover_arena_rows_in_use", model, page=page) == 0
                      and metric(server, "flover_compaction_seconds_count", model, page=page) == compactions + 1
-                     and metric(server, "flover_compaction_bytes_total", model, page=page) != moved)
+                     and metric(server, "flover_compaction_bytes_total", model, page=page) != moved
+                     and metric(server, "flover_kv_cache_bytes_in_use", model, page=page) == 0
+                     and metric(server, "flover_kv_cache_usage_perc", model, page=page) == 0)
         return page if published else None
 
+    # Every gauge reaches its idle value (the arena empty, the compaction counted)...
     page = wait_for(settled)
     assert page
-    # When the short one left, the long one held its prompt and 4 of its 5 tokens so far.
+    # ...and when the short one left, the long one held its prompt and 4 of its 5 tokens so far.
     assert metric(server, "flover_compaction_bytes_total", model, page=page) - moved == (
         (len(long_ids) + 4) * bytes_per_position)
-    assert metric(server, "flover_kv_cache_bytes_in_use", model, page=page) == 0
-    assert metric(server, "flover_kv_cache_usage_perc", model, page=page) == 0
 
 
 def test_finished_requests_are_logged_without_their_prompts(server):
     probe = "a prompt that must stay out of the log"
     list(stream_grpc(server.grpc_url, "flover", text_input=probe, max_tokens=19, ignore_eos=True))
-    line = re.compile(r" INFO flover_\S+ flover_backend\.engine: finished flover_\S+: finish_reason=length "
+    line = re.compile(r" INFO flover_\S+ flover_backend\.engine\.engine: finished flover_\S+: finish_reason=length "
                       r"prompt_tokens=\d+ output_tokens=19 queue_time=")
     assert wait_for(lambda: line.search(server.log_path.read_text(errors="replace")))
     log = server.log_path.read_text(errors="replace")
     assert probe not in log
     # flover_busy logs at warning: its cancelled requests (test_full_queue_...) left no INFO line.
-    assert " INFO flover_busy_" not in log and re.search(r" INFO flover_0\S* flover_backend\.engine: finished", log)
+    assert " INFO flover_busy_" not in log and re.search(r" INFO flover_0\S* flover_backend\.engine\.engine: finished", log)
 
 
 def test_perf_analyzer_streams_against_flover(server, tmp_path):
@@ -411,7 +412,7 @@ def test_lost_tensor_parallel_worker_fails_requests_clearly_and_unloads_the_mode
     # 1000 tokens: the request is still running when the worker dies, however fast the machine.
     stream = iter(GrpcStream(server.grpc_url, "flover_tp2", {"text_input": "x", "max_tokens": 1000, "ignore_eos": True}))
     next(stream)
-    found = subprocess.run(["pgrep", "-f", "flover_backend.worker_main"], capture_output=True, text=True,
+    found = subprocess.run(["pgrep", "-f", "flover_backend.execution.worker_main"], capture_output=True, text=True,
                            check=True)
     (worker,) = [pid for pid in map(int, found.stdout.split()) if parent(parent(pid)) == server.process.pid]
     os.kill(worker, signal.SIGKILL)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flover_backend.serve import TritonServer
+from flover_backend.server.serve import TritonServer
+from flover_backend.server.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
 from flover_backend.triton_env import SHM_DIR
-from flover_backend.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
 from tests.echo_server import free_ports, launch_cli, write_repository
 from tests.waiting import wait_for
 

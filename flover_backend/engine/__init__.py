@@ -1,0 +1,1 @@
+"""The engine: one loop, its scheduler, requests and their outputs."""

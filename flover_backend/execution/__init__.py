@@ -1,0 +1,1 @@
+"""Execution: the model runner, the KV arena, CUDA graphs, layers and model families."""

@@ -1,0 +1,217 @@
+"""The OpenAI-compatible HTTP routes (Starlette): a thin front that turns each request into one Triton stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flover_backend.frontends.openai import generation
+from flover_backend.frontends.openai.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
+from flover_backend.frontends.openai.errors import APIError, bad_request, model_not_found
+from flover_backend.frontends.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Envelope,
+    Limits,
+    parse,
+)
+from flover_backend.frontends.openai.triton_backend import ModelInfo, TritonBackend
+
+logger = logging.getLogger(__name__)
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_DRAIN_BYTES = 16 << 20  # an oversized body is read (and dropped) this far, so the client sees its 413
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    """Where Triton is, where chat templates come from, and the bounds on requests."""
+
+    triton_grpc_url: str = "127.0.0.1:8001"
+    model_path: str | None = None  # checkpoint for every model's chat template; default: each model's `model`
+    admin_key: str | None = None  # tritonserver's admin key, to list the served models
+    limits: Limits = field(default_factory=Limits)
+
+
+class ChatTemplates:
+    """Chat templates by checkpoint, read once (off the event loop) when a model first gets a chat request."""
+
+    def __init__(self, model_path: str | None):
+        self.model_path = model_path
+        self._templates: dict[str, ChatTemplate] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, info: ModelInfo) -> ChatTemplate:
+        """The chat template of the model's checkpoint, read once."""
+        spec = self.model_path or info.checkpoint
+        async with self._lock:
+            if spec not in self._templates:
+                self._templates[spec] = await asyncio.to_thread(_load_template, info.name, spec)
+        return self._templates[spec]
+
+
+def _load_template(model: str, spec: str) -> ChatTemplate:
+    from flover_backend.execution.models.loader import (
+        resolve_model_path,  # torch: only once a chat request needs it
+    )
+
+    try:
+        return ChatTemplate.from_checkpoint(resolve_model_path(spec))
+    except (OSError, ValueError) as exc:
+        raise APIError(500, f"cannot read the chat template of model {model!r} from {spec!r}: {exc}; "
+                            f"start the front with --model-path pointing at its checkpoint") from None
+
+
+class Front:
+    """The route handlers, around one Triton backend."""
+
+    def __init__(self, settings: FrontSettings):
+        self.settings, self.limits = settings, settings.limits
+        self.backend = TritonBackend(settings.triton_grpc_url, settings.admin_key)
+        self.templates = ChatTemplates(settings.model_path)
+        self.created = int(time.time())
+
+    async def health(self, request: Request) -> Response:
+        """200 while tritonserver is ready, 503 otherwise."""
+        ready = await self.backend.is_ready()
+        return JSONResponse({"status": "ok" if ready else "triton not ready"}, status_code=200 if ready else 503)
+
+    async def list_models(self, request: Request) -> Response:
+        """`/v1/models`: the models Triton serves."""
+        names = await self.backend.model_names()
+        return JSONResponse({"object": "list", "data": [self._model_card(name) for name in names]})
+
+    async def get_model(self, request: Request) -> Response:
+        """`/v1/models/{model}`: one served model, or a 404."""
+        name = request.path_params["model"]
+        if await self.backend.model_info(name) is None:
+            raise model_not_found(name)
+        return JSONResponse(self._model_card(name))
+
+    async def completions(self, request: Request) -> Response:
+        """`/v1/completions`, streamed or not."""
+        body = parse(CompletionRequest, await self._body(request))
+        prompt = body.check(self.limits)
+        info = await self._model(body.model)
+        fields = body.triton_fields(body.max_tokens or DEFAULT_COMPLETION_TOKENS)
+        fields["text_input" if isinstance(prompt, str) else "input_ids"] = prompt
+        answer = generation.Answer(Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", info.name), chat=False,
+                                   include_usage=body.include_usage, return_token_ids=bool(body.return_token_ids),
+                                   echo=prompt if body.echo else "", num_logprobs=body.num_logprobs)
+        return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="prompt")
+
+    async def chat_completions(self, request: Request) -> Response:
+        """`/v1/chat/completions`, streamed or not."""
+        body = parse(ChatCompletionRequest, await self._body(request))
+        messages = body.check(self.limits)
+        info = await self._model(body.model)
+        template = await self.templates.get(info)
+        try:
+            prompt_ids = await asyncio.to_thread(template.encode, messages)
+        except NoChatTemplateError as exc:
+            raise bad_request("model", f"model {info.name!r}: {exc}", code="no_chat_template") from None
+        except ChatTemplateError as exc:
+            raise bad_request("messages", str(exc)) from None
+        room = info.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise bad_request("messages", f"the prompt is {len(prompt_ids)} tokens, which leaves no room in "
+                                          f"max_model_len {info.max_model_len}")
+        fields = body.triton_fields(body.max_tokens or room) | {"input_ids": prompt_ids}
+        answer = generation.Answer(Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", info.name),
+                                   chat=True, include_usage=body.include_usage,
+                                   return_token_ids=bool(body.return_token_ids), num_logprobs=body.num_logprobs)
+        if body.stream:
+            answer.envelope.object = "chat.completion.chunk"
+        return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="messages")
+
+    async def _answer(self, request: Request, answer: generation.Answer, fields: dict, *, stream: bool,
+                      prompt_param: str) -> Response:
+        deltas = self.backend.generate(answer.envelope.model, fields, request_id=answer.envelope.id,
+                                       prompt_param=prompt_param)
+        if stream:
+            return await generation.streamed(request, answer, deltas)
+        return await generation.whole(request, answer, deltas)
+
+    async def _model(self, name: str) -> ModelInfo:
+        info = await self.backend.model_info(name)
+        if info is None:
+            raise model_not_found(name)
+        return info
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past `max_body_bytes` (before it is parsed or kept)."""
+        limit = self.limits.max_body_bytes
+        too_large = APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _drain(request)
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                await _drain(request)
+                raise too_large
+        return bytes(body)
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "flover"}
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop the rest of a refused body, so the client gets the answer instead of a reset."""
+    seen = 0
+    with contextlib.suppress(Exception):
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > MAX_DRAIN_BYTES:
+                return
+
+
+def create_app(settings: FrontSettings) -> Starlette:
+    """The ASGI app; its lifespan opens (and closes) the gRPC channel to Triton."""
+    front = Front(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        """Open the gRPC channel to Triton for the app's life."""
+        await front.backend.start()
+        try:
+            yield
+        finally:
+            await front.backend.close()
+
+    routes = [
+        Route("/health", front.health, methods=["GET"]),
+        Route("/v1/models", front.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", front.get_model, methods=["GET"]),
+        Route("/v1/completions", front.completions, methods=["POST"]),
+        Route("/v1/chat/completions", front.chat_completions, methods=["POST"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.front = front
+    return app
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in OpenAI's shape."""
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()

@@ -1,0 +1,1 @@
+"""The server side: the launcher, its watchdog and the processes it starts."""

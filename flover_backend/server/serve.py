@@ -1,0 +1,231 @@
+"""Launch tritonserver (the nvidia-pytriton wheel's, or the NGC image's own) and wait until it serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from flover_backend.server.openai_launcher import OpenAIFrontError, openai_front
+from flover_backend.server.process import ServerProcess, ServerProcessError
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.watchdog import Watchdog, WatchdogGaveUp
+from flover_backend.triton_env import (
+    ADMIN_KEY_HEADER,
+    GRPC_ADMIN_KEY_HEADER,
+    PROJECT_ROOT,
+    SHM_DIR,
+    server_command,
+    server_env,
+    work_dir,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")  # of the models' Python logging (log_level parameter)
+
+
+class TritonServerError(ServerProcessError):
+    """tritonserver exited, or never became ready; the message carries the end of its log."""
+
+
+class TritonServer(ServerProcess):
+    """tritonserver as a child process: `with TritonServer(repo) as server:` starts it and waits until ready."""
+
+    name = "tritonserver"
+    error = TritonServerError
+    error_line = re.compile(r"E\d{4} |error:")
+
+    def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
+                 log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
+                 stop_timeout_s: float = 40.0, admin_key: str | None = None):
+        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s)
+        self.model_repository = Path(model_repository)
+        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
+        # On SIGINT tritonserver drains in-flight requests for up to its --exit-timeout-secs (30 s), so the
+        # default stop_timeout_s (40 s) lets that finish before escalating.
+        self.stop_signals = ((signal.SIGINT, stop_timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+        # Random per launch when the operator gives none: then only this process can use the admin APIs.
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        # Names this server's shared memory, so stop() (or, if this process is killed, the next launch) removes it.
+        self.shm_prefix = f"flover-{os.getpid()}-{secrets.token_hex(4)}-"
+        # Clients cannot connect to a wildcard address; they reach a server bound to one over loopback.
+        self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP/REST endpoint, e.g. http://127.0.0.1:8000."""
+        return f"http://{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint, as tritonclient.grpc and perf_analyzer take it."""
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics page."""
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP header that opens the admin APIs (model load/unload) of this server."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The gRPC metadata that opens the same APIs over gRPC."""
+        return {GRPC_ADMIN_KEY_HEADER: self.admin_key}
+
+    def command(self) -> list[str]:
+        """tritonserver's command line."""
+        return server_command(self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
+                              self.host, extra_args=self.extra_args, admin_key=self.admin_key,
+                              shm_prefix=self.shm_prefix)
+
+    def environment(self) -> dict[str, str]:
+        """tritonserver's libraries, and the Python its backend stub embeds (prepared here)."""
+        return server_env()
+
+    def ready_urls(self) -> list[str]:
+        """Readiness, and the metrics page: the metrics service starts listening after HTTP says ready."""
+        return [f"{self.http_url}/v2/health/ready", self.metrics_url]
+
+    def start(self) -> TritonServer:
+        """Clear what servers killed earlier left behind, then start and wait as every server process does."""
+        remove_orphaned_shm()
+        return super().start()
+
+    def stop(self) -> int | None:
+        """Stop tritonserver and its stubs, then remove the shared memory a killed stub left behind."""
+        code = super().stop()
+        for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            segment.unlink(missing_ok=True)
+        return code
+
+    def model_names(self) -> list[str]:
+        """Names of the models the server has loaded and marked READY, from the repository index."""
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers=self.admin_headers)
+        with urllib.request.urlopen(request, timeout=5.0) as reply:
+            index = json.load(reply)
+        return sorted({entry["name"] for entry in index if entry.get("state") == "READY"})
+
+
+def remove_orphaned_shm() -> None:
+    """Remove the shared memory of servers whose launcher has died (its pid is in each region's name)."""
+    for segment in SHM_DIR.glob("flover-*-*"):
+        pid = segment.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            segment.unlink(missing_ok=True)
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve`: run tritonserver on a model repository until Ctrl-C or SIGTERM."""
+    parser = subparsers.add_parser("serve", help="run tritonserver with the flover model repository")
+    parser.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible API (/v1/...) on this "
+                                                        "port of --host (default: off)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="level of the models' own Python log, in tritonserver's (default: each model's "
+                             "log_level parameter, else info: one line per finished request)")
+    parser.add_argument("--models", nargs="+", help="serve only these models of the repository (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an engine parameter of every served model, e.g. --set model=builtin:tiny")
+    parser.add_argument("--admin-key", default=os.environ.get("FLOVER_ADMIN_KEY"),
+                        help="key that opens the model load/unload and other admin APIs (header flover-admin-key); "
+                             "default $FLOVER_ADMIN_KEY, else a random key nobody else learns: the APIs stay shut")
+    parser.add_argument("--watchdog-interval", type=float, default=5.0,
+                        help="seconds between checks that every model's backend is alive and making progress "
+                             "(0 turns the watchdog off)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="a model with requests running but no iteration for this long is reloaded")
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted; return 0 on a requested stop, else tritonserver's exit code."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly under `kill` and docker stop
+    repository = args.model_repository
+    settings = model_settings(args)
+    if args.models or settings:
+        repository = derive_repository(work_dir() / f"repository-{args.http_port}", args.models, settings,
+                                       source=args.model_repository)
+    server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key)
+    try:
+        with server, openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key) as front:
+            print(f"tritonserver ready (log: {server.log_path})\n"
+                  f"  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n  metrics: {server.metrics_url}\n"
+                  f"  models:  {', '.join(server.model_names()) or '(none)'}\n"
+                  f"  admin:   {'key from --admin-key' if args.admin_key else 'closed (no --admin-key given)'}\n"
+                  "Ctrl-C to stop.", flush=True)
+            if front:
+                print(f"  openai:  {front.url}/v1 (log: {front.log_path})", flush=True)
+            code = supervise(server, args.watchdog_interval, args.stall_timeout, _stop_on_signals())
+            if code is None:
+                print("stopped.", file=sys.stderr)
+                return 0
+            print(f"tritonserver exited on its own with code {code}\n{server.log_excerpt()}", file=sys.stderr)
+            return max(code, 1)
+    except KeyboardInterrupt:  # while starting
+        print("stopped.", file=sys.stderr)
+        return 0
+    except (TritonServerError, WatchdogGaveUp, OpenAIFrontError) as error:
+        print(error, file=sys.stderr)
+        return 1
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The parameters to set in every served model's config.pbtxt: `--set`'s, and `--log-level` as log_level."""
+    settings = dict(item.split("=", 1) for item in args.set)
+    if args.log_level:
+        settings["log_level"] = args.log_level
+    return settings
+
+
+def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:
+    """Until `stop` is set (None) or tritonserver exits (its code), reloading broken models every interval_s.
+
+    Raises WatchdogGaveUp when a model cannot be kept serving (the caller stops the server and exits 1).
+    """
+    watchdog = Watchdog(server, stall_s=stall_s) if interval_s > 0 else None
+    next_check = time.monotonic() + interval_s
+    while not stop.wait(timeout=1.0):
+        code = server.poll()
+        if code is not None:
+            return code
+        if watchdog is not None and time.monotonic() >= next_check:
+            watchdog.check()
+            next_check = time.monotonic() + interval_s
+    return None
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that Ctrl-C and SIGTERM set, instead of raising KeyboardInterrupt wherever the main thread is.
+
+    An exception raised at an arbitrary point can land inside Popen's wait bookkeeping and leave its lock
+    held, after which the child's exit is never seen: the stop then waits out every timeout.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """Turn SIGTERM into the same orderly shutdown as Ctrl-C."""
+    raise KeyboardInterrupt
