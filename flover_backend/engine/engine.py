@@ -17,10 +17,11 @@ import torch
 
 from flover_backend.config import EngineConfig
 from flover_backend.engine.output_processor import OutputProcessor
-from flover_backend.engine.scheduler import Scheduler, SchedulerOutput
+from flover_backend.engine.scheduler import Scheduler
 from flover_backend.engine.stats import EngineStats, FinishedRecord, IterationRecord
 from flover_backend.engine.thread import EngineThread, run_into
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
+from flover_backend.execution.iteration import SchedulerOutput
 from flover_backend.execution.model_runner import ModelRunner, StepResult, StepTimings
 from flover_backend.execution.models import eos_token_ids
 from flover_backend.execution.models.loader import load_tokenizer, resolve_model_path

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from flover_backend.config import EngineConfig
-from flover_backend.engine.scheduler import SchedulerOutput
 from flover_backend.execution.decode_graphs import DecodeGraphs
+from flover_backend.execution.iteration import SchedulerOutput
 from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 from flover_backend.execution.models import eos_token_ids
