@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     parser.add_argument("--max-concurrency", type=int, default=1024,
                         help="open connections past this get 503 from the HTTP server")
+    parser.add_argument("--special-tokens-in-messages", action="store_true",
+                        help="tokenize special-token text in chat messages (e.g. '<|im_start|>') into special ids, "
+                             "as vLLM does; off by default, because then a user can forge turns of the template")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens)
     admin_key = os.environ.get("FLOVER_ADMIN_KEY") or None
-    app = create_app(FrontSettings(args.triton_grpc_url, args.model_path, admin_key, limits))
+    app = create_app(FrontSettings(args.triton_grpc_url, args.model_path, admin_key, limits,
+                                   special_tokens_in_messages=args.special_tokens_in_messages))
     # Headers are bounded by h11 itself (its max incomplete event size); bodies by the app (max_body_bytes).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http="h11",
                 limit_concurrency=args.max_concurrency, timeout_graceful_shutdown=5, server_header=False)

@@ -40,6 +40,8 @@ class FrontSettings:
     model_path: str | None = None  # checkpoint for every model's chat template; default: each model's `model`
     admin_key: str | None = None  # tritonserver's admin key, to list the served models
     limits: Limits = field(default_factory=Limits)
+    # vLLM's behaviour: special-token text in chat messages becomes special ids (a user can forge turns).
+    special_tokens_in_messages: bool = False
 
 
 class ChatTemplates:
@@ -114,7 +116,7 @@ class Front:
         info = await self._model(body.model)
         template = await self.templates.get(info)
         try:
-            prompt_ids = await asyncio.to_thread(template.encode, messages)
+            prompt_ids = await asyncio.to_thread(template.encode, messages, self.settings.special_tokens_in_messages)
         except NoChatTemplateError as exc:
             raise bad_request("model", f"model {info.name!r}: {exc}", code="no_chat_template") from None
         except ChatTemplateError as exc:
