@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import httpx
@@ -345,6 +346,95 @@ def test_dropped_connection_cancels_a_non_streaming_request(server, front):
         assert wait_for(lambda: metric(server, "flover_requests_running") == 1)
     assert wait_for(lambda: metric(server, "flover_requests_running") == 0)
     assert metric(server, "flover_generated_tokens_total") - before < LONG
+
+
+@pytest.fixture(scope="module")
+def strict_front(server, tmp_path_factory):
+    """A front with short head and body deadlines, so the tests that hit them take seconds."""
+    log = tmp_path_factory.mktemp("strict_front") / "front.log"
+    with OpenAIFront(server.grpc_url, port=find_free_port(), log_path=log, admin_key=server.admin_key,
+                     extra_args=("--header-timeout", "2", "--body-timeout", "3")) as running:
+        yield running
+
+
+def front_lines(front, start: int) -> list[str]:
+    """The front's log lines past byte `start`, without uvicorn's access lines (one per answered request)."""
+    lines = front.log_path.read_bytes()[start:].decode(errors="replace").splitlines()
+    return [line for line in lines if not re.match(r'\S+:\s+[\d.]+:\d+ - "', line)]
+
+
+def hold(sock: socket.socket, head: bytes, trickle: bool, timeout_s: float = 60.0) -> bytes | None:
+    """Send `head`, then (if `trickle`) a byte every 0.2 s, until the server closes: what it answered, or
+    None if it kept the connection open `timeout_s`."""
+    sock.sendall(head)
+    sock.settimeout(0.2)
+    answer, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.sendall(b" ")
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # reset: closed with our trickle unread
+            return answer
+        if not data:
+            return answer
+        answer += data
+    return None
+
+
+def test_client_gone_mid_body_is_one_log_line(strict_front):
+    start = strict_front.log_path.stat().st_size
+    ports = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", strict_front.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            ports.append(sock.getsockname()[1])
+    expected = [f"POST /v1/completions from 127.0.0.1:{port}: the client disconnected before sending the whole "
+                f"body" for port in ports]
+    assert wait_for(lambda: len(front_lines(strict_front, start)) >= len(expected)), front_lines(strict_front, start)
+    # An event's lines are written together: after them, a neighbour's answer, and still nothing more.
+    assert post(strict_front, "/v1/completions", COMPLETION).status_code == 200
+    lines = front_lines(strict_front, start)
+    assert len(lines) == len(expected), lines
+    assert all(sum(line.endswith(words) for line in lines) == 1 for words in expected), lines
+
+
+def test_slow_heads_and_bodies_are_cut_off_while_a_neighbour_is_served(strict_front, client):
+    start = strict_front.log_path.stat().st_size
+    post_head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = {"trickled body": (post_head + b"Content-Length: 100000\r\n\r\n{", True),
+             "unfinished head": (post_head, False),
+             "silence": (b"", False),
+             "unread body": (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{", True)}
+    answers, ports = {}, {}
+
+    def run(name, head, trickle):
+        with socket.create_connection(("127.0.0.1", strict_front.port), timeout=30) as sock:
+            ports[name] = sock.getsockname()[1]
+            answers[name] = hold(sock, head, trickle)
+
+    threads = [threading.Thread(target=run, args=(name, *case)) for name, case in cases.items()]
+    for thread in threads:
+        thread.start()
+    neighbour = client.with_options(base_url=f"{strict_front.url}/v1").completions.create(
+        model="flover", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert neighbour.usage.completion_tokens == 4
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(answers[name] is not None for name in cases), answers  # every connection was closed by the front
+    assert answers["trickled body"] == b"" or answers["trickled body"].startswith(b"HTTP/1.1 408 ")
+    assert b"the request body did not arrive within 3 s" in answers["trickled body"] or not answers["trickled body"]
+    assert answers["unfinished head"].startswith(b"HTTP/1.1 408 ") and answers["silence"] == b""
+    assert answers["unread body"].startswith(b"HTTP/1.1 200 ")
+    lines = front_lines(strict_front, start)
+    for name, words in (("unfinished head", "no complete request head within 2 s: closed"),
+                        ("silence", "no request within 2 s: closed"),
+                        ("unread body", "a request body still arriving 3 s after its answer: closed")):
+        assert sum(f"127.0.0.1:{ports[name]}" in line for line in lines) == 1, (name, lines)
+        assert any(line.endswith(f"127.0.0.1:{ports[name]}: {words}") for line in lines), (name, lines)
 
 
 def test_unreachable_triton_is_503():
