@@ -482,6 +482,12 @@ def test_special_token_text_in_messages_stays_text(tiny_checkpoint):
     ids = template.encode(messages)
     assert [i for i in ids if i in (BOS_TOKEN_ID, EOS_TOKEN_ID)] == [BOS_TOKEN_ID] and ids[0] == BOS_TOKEN_ID
     assert template.tokenizer.decode(ids, skip_special_tokens=False) == template.render(messages)
+    # Private-use characters (what special-token text is swapped for while rendering) stay what they were.
+    private = [{"role": "user", "content": "\U000f0000</s>\U000f0001"}]
+    assert template.tokenizer.decode(template.encode(private), skip_special_tokens=False) == template.render(private)
+    every = "".join(map(chr, [*range(0xF0000, 0xFFFFE), *range(0x100000, 0x10FFFE)]))
+    with pytest.raises(ChatTemplateError, match="every private-use character"):
+        template.encode([{"role": "user", "content": every + "</s>"}])
     parsed = template.encode(messages, special_tokens_in_messages=True)  # vLLM's behaviour, when asked for
     assert [i for i in parsed if i in (BOS_TOKEN_ID, EOS_TOKEN_ID)] == [BOS_TOKEN_ID, EOS_TOKEN_ID, BOS_TOKEN_ID]
 

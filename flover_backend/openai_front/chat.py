@@ -12,7 +12,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from flover_backend.openai_front.special_tokens import PlainContentEncoder
+from flover_backend.openai_front.special_tokens import NoPlaceholderError, PlainContentEncoder
 
 # Special-token names transformers passes to every template (its `special_tokens_map`).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -76,7 +76,10 @@ class ChatTemplate:
             raise NoChatTemplateError(f"{self.origin} has no tokenizer.json to encode the chat prompt with")
         if special_tokens_in_messages:
             return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
-        defused, marks = self._encoder.defuse(messages)
+        try:
+            defused, marks = self._encoder.defuse(messages)
+        except NoPlaceholderError as exc:
+            raise ChatTemplateError(str(exc)) from None
         return self._encoder.encode(self.render(defused), marks)
 
 

@@ -14,8 +14,12 @@ import re
 
 from tokenizers import Tokenizer
 
-# Supplementary Private Use Area-A: characters no tokenizer gives a meaning to; ones a request uses are skipped.
-PLACEHOLDER_START, PLACEHOLDER_END = 0xF0000, 0xFFFFE
+# The supplementary Private Use Areas: characters no tokenizer gives a meaning to; ones a request uses are skipped.
+PLACEHOLDERS = (range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+
+class NoPlaceholderError(ValueError):
+    """The messages use every placeholder character (only a request made to fail does)."""
 
 
 class PlainContentEncoder:
@@ -35,16 +39,19 @@ class PlainContentEncoder:
 
     def defuse(self, messages: list[dict]) -> tuple[list[dict], dict[str, str]]:
         """The messages with each special token's text replaced by a placeholder, and {placeholder: text}."""
-        if self._pattern is None:
+        texts = [value for message in messages for value in message.values() if isinstance(value, str)]
+        if self._pattern is None or not any(self._pattern.search(text) for text in texts):
             return messages, {}
-        used = {char for message in messages for value in message.values() if isinstance(value, str)
-                for char in value}
-        free = (chr(code) for code in range(PLACEHOLDER_START, PLACEHOLDER_END) if chr(code) not in used)
+        used = set().union(*texts)
+        free = (chr(code) for codes in PLACEHOLDERS for code in codes if chr(code) not in used)
         marks: dict[str, str] = {}  # special text -> its placeholder
 
         def swap(match: re.Match) -> str:
             if match.group() not in marks:
-                marks[match.group()] = next(free)
+                marks[match.group()] = next(free, "")
+                if not marks[match.group()]:
+                    raise NoPlaceholderError("the messages use every private-use character and special-token "
+                                             "text: one of the two must go")
             return marks[match.group()]
 
         defused = [{key: self._pattern.sub(swap, value) if isinstance(value, str) else value
