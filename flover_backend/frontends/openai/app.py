@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -40,6 +40,13 @@ class FrontSettings:
     model_path: str | None = None  # checkpoint for every model's chat template; default: each model's `model`
     admin_key: str | None = None  # tritonserver's admin key, to list the served models
     limits: Limits = field(default_factory=Limits)
+    # vLLM's behaviour: special-token text in chat messages becomes special ids (a user can forge turns).
+    special_tokens_in_messages: bool = False
+    body_timeout_s: float = 60.0  # a request body must arrive within this (a trickled one gets 408)
+
+    def __post_init__(self) -> None:
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s!r}")
 
 
 class ChatTemplates:
@@ -116,7 +123,7 @@ class Front:
         info = await self._model(body.model)
         template = await self.templates.get(info)
         try:
-            prompt_ids = await asyncio.to_thread(template.encode, messages)
+            prompt_ids = await asyncio.to_thread(template.encode, messages, self.settings.special_tokens_in_messages)
         except NoChatTemplateError as exc:
             raise bad_request("model", f"model {info.name!r}: {exc}", code="no_chat_template") from None
         except ChatTemplateError as exc:
@@ -148,7 +155,16 @@ class Front:
         return info
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused with 413 past `max_body_bytes` (before it is parsed or kept)."""
+        """The request body, refused with 413 past `max_body_bytes` (before it is parsed or kept), and with
+        408 (the connection then closed) unless it has all arrived within `body_timeout_s`."""
+        timeout = self.settings.body_timeout_s
+        try:
+            return await asyncio.wait_for(self._read_body(request), timeout)
+        except asyncio.TimeoutError:  # the access log's line says it: no line of ours
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
+                           headers={"Connection": "close"}) from None
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
         too_large = APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
         declared = request.headers.get("content-length", "")
@@ -197,7 +213,8 @@ def create_app(settings: FrontSettings) -> Starlette:
         Route("/v1/completions", front.completions, methods=["POST"]),
         Route("/v1/chat/completions", front.chat_completions, methods=["POST"]),
     ]
-    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    handlers = {APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+                Exception: _internal_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.front = front
     return app
@@ -210,6 +227,17 @@ async def _api_error(request: Request, exc: APIError) -> Response:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own refusals (no such route, wrong method) in OpenAI's shape."""
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """A client that hung up mid-body is an event, not a fault: one line, and nobody to answer."""
+    logger.info("%s %s from %s: the client disconnected before sending the whole body", request.method,
+                request.url.path, _peer(request))
+    return Response(status_code=499)
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -12,6 +12,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from flover_backend.frontends.openai.special_tokens import NoPlaceholderError, PlainContentEncoder
+
 # Special-token names transformers passes to every template (its `special_tokens_map`).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -25,12 +27,13 @@ class ChatTemplateError(ValueError):
 
 
 class ChatTemplate:
-    """`render(messages)` -> prompt text; `encode(messages)` -> prompt token ids, special tokens from the text."""
+    """`render(messages)` -> prompt text; `encode(messages)` -> prompt ids, special ids from the template only."""
 
     def __init__(self, source: str | None, special_tokens: dict[str, str], tokenizer: Tokenizer | None,
                  origin: str = "the checkpoint"):
         self.source, self.special_tokens, self.tokenizer, self.origin = source, special_tokens, tokenizer, origin
         self._template = _environment().from_string(source) if source is not None else None
+        self._encoder = PlainContentEncoder(tokenizer) if tokenizer is not None else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ChatTemplate:
@@ -62,12 +65,22 @@ class ChatTemplate:
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise ChatTemplateError(f"the chat template failed on the messages: {exc!r}") from None
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        """The rendered prompt's token ids; the template writes the special tokens (add_special_tokens off)."""
-        text = self.render(messages)
-        if self.tokenizer is None:
+    def encode(self, messages: list[dict], special_tokens_in_messages: bool = False) -> list[int]:
+        """The rendered prompt's token ids; the template writes the special tokens (add_special_tokens off).
+
+        Special-token text inside the messages stays text (a user cannot forge a turn), unless
+        `special_tokens_in_messages`: then, as vLLM and transformers do, it becomes special ids too.
+        """
+        if self._encoder is None:
+            self.render(messages)  # no template: that error first
             raise NoChatTemplateError(f"{self.origin} has no tokenizer.json to encode the chat prompt with")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        if special_tokens_in_messages:
+            return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+        try:
+            defused, marks = self._encoder.defuse(messages)
+        except NoPlaceholderError as exc:
+            raise ChatTemplateError(str(exc)) from None
+        return self._encoder.encode(self.render(defused), marks)
 
 
 def _token_text(value) -> str:

@@ -19,9 +19,10 @@ _FIELD_ERROR = re.compile(r"(\w+): ")
 class APIError(Exception):
     """A request that ends with an HTTP error status and an OpenAI-shaped body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
         """The JSON body OpenAI's clients parse."""
@@ -32,7 +33,7 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         """This error as an HTTP response in OpenAI's shape."""
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(param: str | None, message: str, code: str | None = None) -> APIError:
