@@ -2,6 +2,8 @@
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,14 @@ def test_the_package_imports_neither_benchmarks_nor_clients():
 @pytest.mark.parametrize("module", [name for name in module_names() if name not in NOT_IMPORTABLE])
 def test_every_module_imports(module):
     importlib.import_module(module)
+
+
+@pytest.mark.parametrize("module", ["flover_backend.frontends.openai.app", "flover_backend.frontends.openai.__main__",
+                                    "flover_backend.server.serve", "flover_backend.frontends.triton.parsing"])
+def test_light_processes_import_no_torch(module):
+    """The OpenAI front and the launcher are light processes: importing them (in a fresh interpreter) loads
+    neither torch nor the model loader."""
+    code = (f"import sys, importlib; importlib.import_module({module!r}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('flover_backend.execution')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -16,9 +16,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from flover_backend.execution.models.checkpoint import checkpoint_placements
 from flover_backend.execution.models.llama import Llama, LlamaConfig
-from flover_backend.paths import flover_home
+from flover_backend.paths import builtin_dir
 
-BUILTIN_PREFIX = "builtin:"
 # Bump whenever the weights or tokenizer recipe changes: caches written by another version are rebuilt.
 RECIPE_VERSION = 4  # 4: tokenizer_config.json has a chat template
 MARKER_FILE = "flover_builtin.json"
@@ -86,7 +85,7 @@ def builtin_config(name: str) -> dict[str, Any]:
 def builtin_checkpoint(name: str) -> Path:
     """`<flover_home()>/builtin/<name>`, written on first use."""
     builtin_config(name)  # reject unknown names before touching the disk
-    final = flover_home() / "builtin" / name
+    final = builtin_dir(name)
     if _is_current(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

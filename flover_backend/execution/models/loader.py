@@ -12,8 +12,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from flover_backend.execution.models import MODEL_REGISTRY, CausalLM
-from flover_backend.execution.models.builtin import BUILTIN_PREFIX, builtin_checkpoint
+from flover_backend.execution.models.builtin import builtin_checkpoint
 from flover_backend.execution.models.checkpoint import Placement, checkpoint_placements
+from flover_backend.paths import BUILTIN_PREFIX
 
 # Buffers some exporters save next to the weights; we derive them (causal mask, RoPE tables) instead.
 IGNORED_KEY_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")

@@ -26,6 +26,7 @@ from flover_backend.frontends.openai.protocol import (
     parse,
 )
 from flover_backend.frontends.openai.triton_backend import ModelInfo, TritonBackend
+from flover_backend.paths import checkpoint_dir
 
 logger = logging.getLogger(__name__)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -67,12 +68,9 @@ class ChatTemplates:
 
 
 def _load_template(model: str, spec: str) -> ChatTemplate:
-    from flover_backend.execution.models.loader import (
-        resolve_model_path,  # torch: only once a chat request needs it
-    )
-
+    # The model server has written a built-in checkpoint by the time it serves; the front only reads it.
     try:
-        return ChatTemplate.from_checkpoint(resolve_model_path(spec))
+        return ChatTemplate.from_checkpoint(checkpoint_dir(spec))
     except (OSError, ValueError) as exc:
         raise APIError(500, f"cannot read the chat template of model {model!r} from {spec!r}: {exc}; "
                             f"start the front with --model-path pointing at its checkpoint") from None
