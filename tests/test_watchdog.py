@@ -55,7 +55,11 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
         os.kill(stub.pid, signal.SIGKILL)
         assert echo_ready(server)  # tritonserver itself does not notice
         assert wait_for(lambda: not find_stubs(server.process.pid))
+        assert watchdog.backend_died()
+        first_server = server.process.pid
         assert watchdog.check() == ["echo"]
+        # Restarted: only that ends the requests the dead stub left in flight (test_dead_backend.py).
+        assert server.process.pid != first_server and not watchdog.backend_died()
         (new_stub,) = find_stubs(server.process.pid)
         assert new_stub.pid != stub.pid and echo_ready(server)
         assert not (SHM_DIR / stub.shm_region).exists()  # the dead stub's shared memory is gone
@@ -66,7 +70,9 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
                                         method="POST", headers=server.admin_headers)
         urllib.request.urlopen(unload, timeout=60).close()
         assert wait_for(lambda: not echo_ready(server))
+        second_server = server.process.pid
         assert watchdog.check() == ["echo"] and echo_ready(server)
+        assert server.process.pid == second_server  # loaded again, not restarted: nothing was left in flight
 
         os.kill(find_stubs(server.process.pid)[0].pid, signal.SIGKILL)  # a third failure within the window
         assert wait_for(lambda: not find_stubs(server.process.pid))
