@@ -12,7 +12,7 @@ import pytest
 
 from flover_backend.serve import TritonServer
 from flover_backend.triton_env import SHM_DIR
-from flover_backend.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
+from flover_backend.watchdog import StallDetector, Stub, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
 from tests.echo_server import free_ports, launch_cli, write_repository
 from tests.waiting import wait_for
 
@@ -105,3 +105,49 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+class FakeServer:
+    """What the watchdog asks of a server, scripted: loaded models, a metrics page, and what it was told to do."""
+
+    def __init__(self, loaded: list[str]):
+        self.loaded, self.page, self.actions = loaded, "", []
+        self.process = type("Process", (), {"pid": 1})()
+
+    def model_names(self) -> list[str]:
+        return list(self.loaded)
+
+    def restart(self) -> None:
+        self.actions.append("restart")
+
+
+@pytest.mark.parametrize("loaded, action", [(["m"], "restart"), ([], "load")])
+def test_a_stub_gone_with_its_model_still_loaded_restarts_the_server_else_the_model_is_loaded(
+        monkeypatch, loaded, action):
+    """Only a restart ends the requests a killed stub left in flight; a stub that ended with its model's
+    unload left none, so loading the model again is enough."""
+    server = FakeServer(["m"])
+    stubs = [Stub(101, "m", "region")]
+    monkeypatch.setattr("flover_backend.watchdog.find_stubs", lambda pid: list(stubs))
+    watchdog = Watchdog(server)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    monkeypatch.setattr(watchdog, "_reload", lambda model: server.actions.append("load"))
+    assert watchdog.check() == [] and server.actions == []
+    stubs.clear()
+    server.loaded = loaded
+    assert watchdog.check() == ["m"] and server.actions == [action]
+
+
+def test_a_stalled_model_restarts_the_server_and_recoveries_are_bounded(monkeypatch):
+    server = FakeServer(["m"])
+    monkeypatch.setattr("flover_backend.watchdog.find_stubs", lambda pid: [])
+    watchdog = Watchdog(server, stall_s=0.0, max_restarts=2)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    server.page = 'flover_requests_running{model="m"} 2\nflover_iterations_total{model="m"} 7\n'
+    assert watchdog.check() == []  # the first reading starts the clock
+    assert watchdog.check() == ["m"] and server.actions == ["restart"]
+    watchdog.check()
+    assert watchdog.check() == ["m"] and server.actions == ["restart"] * 2
+    watchdog.check()
+    with pytest.raises(WatchdogGaveUp, match="no iteration"):
+        watchdog.check()
