@@ -129,7 +129,12 @@ def stream_http(url: str, model: str, timeout_s: float = 300.0, **fields) -> Ite
             event = json.loads(line[len(b"data:"):])
             if "error" in event:
                 raise ServerError(event["error"])
-            yield _http_chunk(event)
+            chunk = _http_chunk(event)
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+    # urllib ends a chunked body cut short (the server died) as if it were whole: only the missing final says so.
+    raise ServerError("the server closed the stream before the final response")
 
 
 def generate_http(url: str, model: str, timeout_s: float = 300.0, **fields) -> Chunk:

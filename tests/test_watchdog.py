@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from flover_backend.server.serve import TritonServer
-from flover_backend.server.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
+from flover_backend.server.watchdog import (
+    StallDetector,
+    Stub,
+    Watchdog,
+    WatchdogGaveUp,
+    find_stubs,
+    parse_metric,
+)
 from flover_backend.triton_env import SHM_DIR
 from tests.echo_server import free_ports, launch_cli, write_repository
 from tests.waiting import wait_for
@@ -55,7 +62,11 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
         os.kill(stub.pid, signal.SIGKILL)
         assert echo_ready(server)  # tritonserver itself does not notice
         assert wait_for(lambda: not find_stubs(server.process.pid))
+        assert watchdog.backend_died()
+        first_server = server.process.pid
         assert watchdog.check() == ["echo"]
+        # Restarted: only that ends the requests the dead stub left in flight (test_dead_backend.py).
+        assert server.process.pid != first_server and not watchdog.backend_died()
         (new_stub,) = find_stubs(server.process.pid)
         assert new_stub.pid != stub.pid and echo_ready(server)
         assert not (SHM_DIR / stub.shm_region).exists()  # the dead stub's shared memory is gone
@@ -66,7 +77,9 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
                                         method="POST", headers=server.admin_headers)
         urllib.request.urlopen(unload, timeout=60).close()
         assert wait_for(lambda: not echo_ready(server))
+        second_server = server.process.pid
         assert watchdog.check() == ["echo"] and echo_ready(server)
+        assert server.process.pid == second_server  # loaded again, not restarted: nothing was left in flight
 
         os.kill(find_stubs(server.process.pid)[0].pid, signal.SIGKILL)  # a third failure within the window
         assert wait_for(lambda: not find_stubs(server.process.pid))
@@ -99,3 +112,49 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+class FakeServer:
+    """What the watchdog asks of a server, scripted: loaded models, a metrics page, and what it was told to do."""
+
+    def __init__(self, loaded: list[str]):
+        self.loaded, self.page, self.actions = loaded, "", []
+        self.process = type("Process", (), {"pid": 1})()
+
+    def model_names(self) -> list[str]:
+        return list(self.loaded)
+
+    def restart(self) -> None:
+        self.actions.append("restart")
+
+
+@pytest.mark.parametrize("loaded, action", [(["m"], "restart"), ([], "load")])
+def test_a_stub_gone_with_its_model_still_loaded_restarts_the_server_else_the_model_is_loaded(
+        monkeypatch, loaded, action):
+    """Only a restart ends the requests a killed stub left in flight; a stub that ended with its model's
+    unload left none, so loading the model again is enough."""
+    server = FakeServer(["m"])
+    stubs = [Stub(101, "m", "region")]
+    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid: list(stubs))
+    watchdog = Watchdog(server)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    monkeypatch.setattr(watchdog, "_reload", lambda model: server.actions.append("load"))
+    assert watchdog.check() == [] and server.actions == []
+    stubs.clear()
+    server.loaded = loaded
+    assert watchdog.check() == ["m"] and server.actions == [action]
+
+
+def test_a_stalled_model_restarts_the_server_and_recoveries_are_bounded(monkeypatch):
+    server = FakeServer(["m"])
+    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid: [])
+    watchdog = Watchdog(server, stall_s=0.0, max_restarts=2)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    server.page = 'flover_requests_running{model="m"} 2\nflover_iterations_total{model="m"} 7\n'
+    assert watchdog.check() == []  # the first reading starts the clock
+    assert watchdog.check() == ["m"] and server.actions == ["restart"]
+    watchdog.check()
+    assert watchdog.check() == ["m"] and server.actions == ["restart"] * 2
+    watchdog.check()
+    with pytest.raises(WatchdogGaveUp, match="no iteration"):
+        watchdog.check()

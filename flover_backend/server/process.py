@@ -123,6 +123,18 @@ class ServerProcess:
         _signal_group(self.process.pid, signal.SIGKILL)
         return self.process.wait()
 
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """SIGKILL the server's whole process group at once (no drain) and wait until it is gone."""
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # its children die with the same signal; wait for their exit
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
     def _stopped(self) -> bool:
         """Whether the server has exited, and with `signal_group` every other process of its group too."""
         if self.process.poll() is None:

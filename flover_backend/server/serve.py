@@ -107,9 +107,25 @@ class TritonServer(ServerProcess):
     def stop(self) -> int | None:
         """Stop tritonserver and its stubs, then remove the shared memory a killed stub left behind."""
         code = super().stop()
+        self._remove_shm()
+        return code
+
+    def restart(self) -> TritonServer:
+        """Kill tritonserver and its stubs at once, then start it afresh and wait until every model is ready.
+
+        Killing is what ends the requests a dead Python stub left in flight: tritonserver 2.51 never
+        finishes them (the stub held their response senders), not even when the model is unloaded, so
+        only closing their connections gives their clients an error instead of silence.
+        """
+        self.kill()
+        self._remove_shm()
+        if self.log_path.exists():  # keep the log of the run that failed
+            self.log_path.replace(self.log_path.with_name(self.log_path.name + ".previous"))
+        return self.start()
+
+    def _remove_shm(self) -> None:
         for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):
             segment.unlink(missing_ok=True)
-        return code
 
     def model_names(self) -> list[str]:
         """Names of the models the server has loaded and marked READY, from the repository index."""
@@ -198,7 +214,7 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:
-    """Until `stop` is set (None) or tritonserver exits (its code), reloading broken models every interval_s.
+    """Until `stop` is set (None) or tritonserver exits (its code), recovering broken models every interval_s.
 
     Raises WatchdogGaveUp when a model cannot be kept serving (the caller stops the server and exits 1).
     """
@@ -208,7 +224,8 @@ def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: thr
         code = server.poll()
         if code is not None:
             return code
-        if watchdog is not None and time.monotonic() >= next_check:
+        # A dead stub is looked for every second (cheap), so its requests in flight end within seconds.
+        if watchdog is not None and (time.monotonic() >= next_check or watchdog.backend_died()):
             watchdog.check()
             next_check = time.monotonic() + interval_s
     return None

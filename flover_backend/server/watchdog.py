@@ -1,12 +1,15 @@
-"""Supervision of a running tritonserver: a model whose backend died or wedged is reloaded, or the launcher gives up.
+"""Supervision of a running tritonserver: a model whose backend died or wedged is recovered, or the launcher gives up.
 
 tritonserver 2.51 keeps a model READY when its Python backend process is killed (by the kernel's OOM
-killer, say): every request then fails with "Stub process is not healthy" while every health endpoint
-answers 200. The watchdog looks at what the server does not: the stub processes themselves (Linux
-/proc), whether a model that has requests running still makes iterations (its own metrics), and
-whether a model it was started with is still loaded (an engine that died unloads its model). It
-reloads such a model through the admin API; past `max_restarts` within `restart_window_s` it gives up,
-so the launcher exits non-zero and the orchestrator replaces the whole server.
+killer, say): every new request then fails with "Stub process is not healthy" while every health endpoint
+answers 200, and the requests that were in flight never end: the dead stub held their response senders,
+and neither Triton nor an unload of the model finishes them. The watchdog looks at what the server does
+not: the stub processes themselves (Linux /proc), whether a model that has requests running still makes
+iterations (its own metrics), and whether a model it was started with is still loaded (an engine that
+died unloads its model). A dead or wedged backend costs a restart of tritonserver, the only thing that
+ends its requests (their connections close, so every client gets an error); a model that unloaded
+itself is loaded again through the admin API. Past `max_restarts` recoveries within `restart_window_s`
+it gives up, so the launcher exits non-zero and the orchestrator replaces the whole server.
 """
 
 from __future__ import annotations
@@ -92,8 +95,16 @@ class StallDetector:
         self._progress.pop(model, None)
 
 
+@dataclass(frozen=True)
+class Fault:
+    """Why a model is broken, and whether recovering it takes a restart of tritonserver (requests stuck in it)."""
+
+    why: str
+    restart: bool
+
+
 class Watchdog:
-    """Checks a `TritonServer`'s models every call to `check`, reloading the broken ones."""
+    """Checks a `TritonServer`'s models every call to `check`, recovering the broken ones."""
 
     def __init__(self, server, stall_s: float = 120.0, max_restarts: int = 3, restart_window_s: float = 600.0,
                  load_timeout_s: float = 600.0):
@@ -105,51 +116,71 @@ class Watchdog:
         self._stubs = {stub.pid: stub for stub in find_stubs(server.process.pid)}
         self._dead_stubs: list[Stub] = []
 
+    def backend_died(self) -> bool:
+        """Whether a stub the last check saw has exited since: a few /proc reads, cheap enough to ask every second."""
+        return not all(_alive(pid) for pid in self._stubs)
+
     def check(self) -> list[str]:
-        """Find the broken models and reload them; the ones reloaded. Raises WatchdogGaveUp past the limit."""
+        """Find the broken models and recover them; the ones recovered. Raises WatchdogGaveUp past the limit."""
         broken = self._broken_models()
-        for model, why in broken.items():
-            self._recover(model, why)
+        if not broken:
+            return []
+        self._count_recovery(broken)
+        for model, fault in broken.items():
+            logger.error("model %r is broken: %s; %s", model, fault.why,
+                         "restarting tritonserver" if fault.restart else "reloading it")
+        if any(fault.restart for fault in broken.values()):
+            # Readiness is false from here until every model is back: the server is down, then loading.
+            self.server.restart()
+        else:
+            for model in broken:
+                self._reload(model)
+        self._stubs = {stub.pid: stub for stub in find_stubs(self.server.process.pid)}
+        for model in broken:
+            self.stalls.forget(model)
+            logger.warning("model %r is serving again", model)
         return sorted(broken)
 
-    def _broken_models(self) -> dict[str, str]:
+    def _broken_models(self) -> dict[str, Fault]:
         """Each unhealthy model and why."""
         now = time.monotonic()
         live = {stub.pid: stub for stub in find_stubs(self.server.process.pid)}
         self._dead_stubs = [stub for pid, stub in self._stubs.items() if pid not in live]
-        broken = {stub.model: f"its backend process {stub.pid} died" for stub in self._dead_stubs}
         self._stubs = live
         ready = set(self.server.model_names())
+        broken = {stub.model: Fault(f"its backend process {stub.pid} died", restart=True)
+                  for stub in self._dead_stubs if stub.model in ready}  # a clean unload also ends the stub
         for model in self.models:
             if model not in ready:
-                broken.setdefault(model, "it is no longer loaded (its engine failed)")
+                broken.setdefault(model, Fault("it is no longer loaded (its engine failed)", restart=False))
         metrics = self._metrics()
         running = parse_metric(metrics, "flover_requests_running")
         iterations = parse_metric(metrics, "flover_iterations_total")
         for model in self.models:
             if self.stalls.stalled(model, running.get(model, 0.0), iterations.get(model, 0.0), now):
-                broken.setdefault(model, f"no iteration for {self.stalls.stall_s:.0f} s with requests running")
+                broken.setdefault(model, Fault(f"no iteration for {self.stalls.stall_s:.0f} s with requests running",
+                                               restart=True))
         return broken
 
-    def _recover(self, model: str, why: str) -> None:
-        """Kill what is left of the model's backend and load it afresh."""
+    def _count_recovery(self, broken: dict[str, Fault]) -> None:
+        """Count one recovery in the window, or raise WatchdogGaveUp when the window is full."""
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > self.restart_window_s:
             self.restarts.popleft()
         if len(self.restarts) >= self.max_restarts:
-            raise WatchdogGaveUp(f"model {model!r} is broken ({why}) after {len(self.restarts)} reloads within "
-                                 f"{self.restart_window_s:.0f} s")
+            model, fault = next(iter(broken.items()))
+            raise WatchdogGaveUp(f"model {model!r} is broken ({fault.why}) after {len(self.restarts)} recoveries "
+                                 f"within {self.restart_window_s:.0f} s")
         self.restarts.append(now)
-        logger.error("model %r is broken: %s; reloading it", model, why)
+
+    def _reload(self, model: str) -> None:
+        """Kill what is left of the model's backend and load it afresh."""
         old = [stub for stub in [*self._stubs.values(), *self._dead_stubs] if stub.model == model]
         for stub in old:  # a wedged backend would never finish its own unload
             _kill(stub.pid)
         self._load(model)
         for stub in old:  # a killed stub cannot remove its shared memory itself
             (SHM_DIR / stub.shm_region).unlink(missing_ok=True)
-        self._stubs = {stub.pid: stub for stub in find_stubs(self.server.process.pid)}
-        self.stalls.forget(model)
-        logger.warning("model %r reloaded", model)
 
     def _load(self, model: str) -> None:
         url = f"{self.server.http_url}/v2/repository/models/{model}/load"
@@ -170,6 +201,13 @@ class Watchdog:
 
 class WatchdogGaveUp(RuntimeError):
     """A model could not be kept serving: the launcher should exit non-zero so it is replaced."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state_and_parent(PROC / str(pid))[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _kill(pid: int) -> None:

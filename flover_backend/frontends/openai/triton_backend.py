@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from flover_backend.config import EngineConfig
@@ -25,6 +25,12 @@ INPUT_DTYPES = {"input_ids": np.int32, "max_tokens": np.int32, "temperature": np
                 "frequency_penalty": np.float32, "return_logprobs": np.bool_}
 LIST_INPUTS = {"input_ids", "stop"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+# tritonclient's own message limits, and reconnection at most a second apart: after tritonserver restarts
+# (the launcher's watchdog restarts it when a backend dies) the front serves, and says ready, within a
+# second of it, instead of after gRPC's default backoff, which grows to minutes.
+CHANNEL_ARGS = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 @dataclass
@@ -84,7 +90,7 @@ class TritonBackend:
 
     async def start(self) -> None:
         """Open the channel (inside the event loop)."""
-        self._client = grpc_aio.InferenceServerClient(self.url)
+        self._client = grpc_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         """Close the channel."""
