@@ -23,7 +23,7 @@ operations = st.lists(
 
 
 def fill(arena: KVArena, row: int, start: int, stop: int, value: float) -> None:
-    arena.tensor[:, :, row, :, start:stop] = value
+    arena.used_span(row, stop)[..., start:, :] = value
 
 
 @settings(max_examples=150, deadline=None)
@@ -42,7 +42,7 @@ def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, 
             req_id, next_id = f"r{next_id}", next_id + 1
             row = row_of[req_id] = table.allocate(req_id)
             fill(arena, row, 0, arg, float(next_id))
-            reference[req_id] = arena.tensor[:, :, row, :, :arg].clone()
+            reference[req_id] = arena.used_span(row, arg).clone()
         elif op in ("grow", "finish") and row_of:
             req_id = sorted(row_of)[arg % len(row_of)]
             row = row_of[req_id]
@@ -53,7 +53,7 @@ def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, 
             elif reference[req_id].shape[-2] < MAX_LEN:
                 length = reference[req_id].shape[-2]
                 fill(arena, row, length, length + 1, 1000.0 + length)
-                reference[req_id] = arena.tensor[:, :, row, :, : length + 1].clone()
+                reference[req_id] = arena.used_span(row, length + 1).clone()
         elif op == "compact":
             moves = table.plan_compaction({req_id: ref.shape[-2] for req_id, ref in reference.items()})
             copied = arena.apply_moves(moves)
@@ -66,7 +66,7 @@ def test_live_rows_hold_their_kv_unchanged_and_compaction_keeps_them_dense(ops, 
                 assert moves == []
         for req_id, row in row_of.items():
             assert table.owner(row) == req_id
-            torch.testing.assert_close(arena.tensor[:, :, row, :, : reference[req_id].shape[-2]], reference[req_id])
+            torch.testing.assert_close(arena.used_span(row, reference[req_id].shape[-2]), reference[req_id])
 
 
 @pytest.mark.parametrize("position_major", [False, True])
@@ -80,8 +80,8 @@ def test_a_position_major_row_holds_its_first_positions_of_every_head_in_one_spa
     """What the native kernel streams: positions [0, n) of a row, all kv heads, are contiguous memory."""
     arena = KVArena(2, 3, 4, 10, 8, torch.float32, torch.device("cpu"), position_major=True)
     assert arena.tensor.shape == (2, 2, 3, 4, 10, 8)
-    assert arena.tensor[1, 0, 2].transpose(0, 1)[:6].is_contiguous()
-    assert not KVArena(2, 3, 4, 10, 8, torch.float32, torch.device("cpu")).tensor[1, 0, 2].transpose(0, 1)[
+    assert arena.layer(1)[0][2].transpose(0, 1)[:6].is_contiguous()
+    assert not KVArena(2, 3, 4, 10, 8, torch.float32, torch.device("cpu")).layer(1)[0][2].transpose(0, 1)[
         :6].is_contiguous()
 
 
