@@ -102,8 +102,8 @@ class KVArena:
     def apply_moves(self, moves: list[RowMove]) -> int:
         """Copy each move's used positions only (a row holds its request's length, not max_model_len); bytes copied.
 
-        Sources are live rows past the dense prefix and destinations holes inside it, so no move reads a row
-        another has written: the copies can go one after another, each as long as its own row.
+        The copies go one after another, in the list's order, each as long as its own row: a move that reads a
+        row another move writes comes before it (compaction plans them so; prefix copies come after the moves).
         """
         if self.copier == "cupy":
             self._copy_on_torch_stream(moves)

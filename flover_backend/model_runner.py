@@ -84,6 +84,7 @@ class StepPlan:
     """One iteration in plain lists: what every tensor-parallel rank needs to run the same forwards."""
 
     moves: list[RowMove]
+    prefix_copies: list[RowMove]  # after the moves, in order: arrivals' prompt starts copied from other rows
     decode_span: int  # the decode forward covers rows [0, decode_span)
     decode_rows: list[int]  # the decoding requests' rows, in the order their tokens come back
     decode_token_ids: list[int]
@@ -97,7 +98,7 @@ class StepPlan:
     def from_output(cls, out: SchedulerOutput) -> StepPlan:
         """The plan for a scheduler decision."""
         chunks = out.prefill
-        return cls(out.moves, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
+        return cls(out.moves, out.prefix_copies, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
                    [r.num_cached_tokens for r in out.decode], [c.request.row for c in chunks],
                    [c.request.prompt_token_ids[c.start:c.end] for c in chunks], [c.start for c in chunks],
                    [c.is_last for c in chunks])
@@ -186,6 +187,7 @@ class ModelRunner:
         timings = StepTimings()
         start = time.perf_counter()
         moved_bytes = self.arena.apply_moves(plan.moves)
+        self.arena.apply_moves(plan.prefix_copies)  # timed with compaction: the same kind of copy
         timings.compaction = self._synced_clock() - start
         if self.decode_graphs is None:
             hidden = self._fused(plan)
