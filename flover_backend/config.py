@@ -34,6 +34,8 @@ class EngineConfig:
     max_prefill_tokens: int = 256  # prompt tokens written per iteration (chunked prefill); 0: whole prompts
     max_num_waiting: int = 1024  # requests queued for a row beyond this are refused at once as "busy"
     max_prompt_bytes: int = 0  # a text prompt's UTF-8 bytes, checked before tokenizing; 0: 32 x max_model_len
+    prefix_caching: bool = True  # a prompt copies the keys of its longest start that a live or retained row holds
+    max_retained_prefixes: int = 8  # finished requests' rows kept for prefix reuse; an arrival takes one back first
     log_prompts: bool = False  # the INFO line logged per finished request also holds its prompt text
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_num_waiting must be >= 0, got {self.max_num_waiting}")
         if self.max_prompt_bytes < 0:
             raise ValueError(f"max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
+        if self.max_retained_prefixes < 0:
+            raise ValueError(f"max_retained_prefixes must be >= 0, got {self.max_retained_prefixes}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

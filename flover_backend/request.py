@@ -51,6 +51,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     row: int = -1  # arena row while running
     num_computed_tokens: int = 0  # prompt positions scheduled into the row so far (chunked prefill)
+    num_prefix_cached_tokens: int = 0  # of those, copied from another row's keys rather than computed
     error: str | None = None
     cumulative_logprob: float = 0.0  # of the tokens generated so far, summed if the request asks for logprobs
     admitted_time: float | None = None  # given a row

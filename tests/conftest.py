@@ -28,12 +28,13 @@ def sequence_logits():
     computed in one prefill outside the engine: (len, vocab)."""
     import torch
 
+    from flover_backend.execution.kv_arena import KVArena
     from flover_backend.execution.layers.attention import ForwardBatch
 
     def logits(engine, token_ids: list[int]) -> torch.Tensor:
         model = engine.runner.model
         c = model.config
-        kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, len(token_ids), c.head_dim)
+        kv = KVArena.for_model(c, 1, len(token_ids))
         batch = ForwardBatch.prefill(slice(0, 1), [len(token_ids)], torch.device("cpu"))
         with torch.no_grad():
             return model.compute_logits(model.forward(torch.tensor([token_ids]), batch, kv)[0])

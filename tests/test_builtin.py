@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 from flover_backend.execution.models.builtin import (
     MARKER_FILE,
@@ -71,7 +72,7 @@ def test_transformers_gives_the_same_logits(tiny_checkpoint, tiny_model, tokeniz
     hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer.encode(ENGLISH).ids])
     c = tiny_model.config
-    kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, ids.shape[1], c.head_dim)
+    kv = KVArena.for_model(c, 1, ids.shape[1])
     batch = ForwardBatch.prefill(slice(0, 1), [ids.shape[1]], torch.device("cpu"))
     with torch.no_grad():
         ours = tiny_model.compute_logits(tiny_model.forward(ids, batch, kv)[0])
@@ -83,7 +84,7 @@ def test_greedy_output_is_varied_and_far_from_ties(tiny_model, tokenizer):
     prompts = ["Hello, my name is", "def fib(n):", "日本語のテキスト", "a"]
     ids = [tokenizer.encode(p).ids for p in prompts]
     num_steps, c = 32, tiny_model.config
-    kv = torch.zeros(c.num_layers, 2, len(ids), c.num_kv_heads, 64, c.head_dim)
+    kv = KVArena.for_model(c, len(ids), 64)
     input_ids = torch.tensor([seq + [0] * (max(map(len, ids)) - len(seq)) for seq in ids])
     batch = ForwardBatch.prefill(slice(0, len(ids)), [len(seq) for seq in ids], torch.device("cpu"))
     outputs, gaps = [], []
@@ -111,7 +112,7 @@ def test_context_changes_the_prediction(tiny_model):
     changed = ids.clone()
     changed[:, 0] = torch.randint(3, VOCAB_SIZE, (32,), generator=generator)
     c = tiny_model.config
-    kv = torch.zeros(c.num_layers, 2, 32, c.num_kv_heads, 12, c.head_dim)
+    kv = KVArena.for_model(c, 32, 12)
     batch = ForwardBatch.prefill(slice(0, 32), [12] * 32, torch.device("cpu"))
     with torch.no_grad():
         a, b = (tiny_model.compute_logits(tiny_model.forward(x, batch, kv)[:, -1]).argmax(-1)

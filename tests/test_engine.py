@@ -86,7 +86,7 @@ def static_decode(shapes: list):
     """
     def prepare(engine: Engine) -> None:
         runner, config = engine.runner, engine.config
-        graphs = DecodeGraphs(runner.model, runner.arena.tensor, config.max_num_seqs, config.max_model_len,
+        graphs = DecodeGraphs(runner.model, runner.arena, config.max_num_seqs, config.max_model_len,
                               runner.dtype)
         forward = graphs._forward
         graphs._forward = lambda batch, num_keys: shapes.append((batch, num_keys)) or forward(batch, num_keys)
@@ -100,7 +100,7 @@ def static_prefill(widths: list):
     def prepare(engine: Engine) -> None:
         static_decode([])(engine)
         runner, config = engine.runner, engine.config
-        graphs = PrefillGraphs(runner.model, runner.arena.tensor, config.max_prefill_tokens or config.max_model_len)
+        graphs = PrefillGraphs(runner.model, runner.arena, config.max_prefill_tokens or config.max_model_len)
         forward = graphs._forward
         graphs._forward = lambda width: widths.append(width) or forward(width)
         runner.prefill_graphs = graphs

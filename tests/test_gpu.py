@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flover_backend import Engine, EngineConfig, SamplingParams
+from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 from flover_backend.execution.models.loader import load_model, resolve_model_path
 
@@ -41,7 +42,7 @@ def test_logits_match_transformers_on_gpu():
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     ids = torch.tensor([[1, 72, 101, 108, 108, 111]], device="cuda")
     cfg = ours.config
-    kv = torch.zeros(cfg.num_layers, 2, 1, cfg.num_kv_heads, 32, cfg.head_dim, device="cuda")
+    kv = KVArena.for_model(cfg, 1, 32, device="cuda")
     with torch.inference_mode():
         hidden = ours(ids, ForwardBatch.prefill(slice(0, 1), [ids.shape[1]], ids.device), kv)
         torch.testing.assert_close(ours.compute_logits(hidden[0, -1:]), theirs(ids).logits[0, -1:].float(),

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GPTJConfig, MistralC
 from transformers import GPT2Config as HFGPT2Config
 from transformers import LlamaConfig as HFLlamaConfig
 
+from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 from flover_backend.execution.models import MODEL_REGISTRY, loader
 from flover_backend.execution.models.gpt2 import GPT2Config
@@ -68,7 +69,7 @@ def hf_model(name: str) -> torch.nn.Module:
     return model
 
 
-def prefill_in_chunks(ours, seqs: list[list[int]], kv: torch.Tensor, chunk: int) -> torch.Tensor:
+def prefill_in_chunks(ours, seqs: list[list[int]], kv: KVArena, chunk: int) -> torch.Tensor:
     """Write prompts into rows 0.. `chunk` tokens per forward, as the scheduler hands them out; last states."""
     last: dict[int, torch.Tensor] = {}
     for start in range(0, max(map(len, seqs)), chunk):
@@ -106,10 +107,7 @@ def check_against_hf(ours, hf, chunk: int | None = None, kernel=None) -> None:
     c = ours.config
     generator = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator).tolist() for n in PROMPT_LENS]
-    if kernel is None:
-        kv = torch.zeros(c.num_layers, 2, 3, c.num_kv_heads, MAX_LEN, c.head_dim)  # one spare row
-    else:
-        kv = torch.zeros(c.num_layers, 2, 3, MAX_LEN, c.num_kv_heads, c.head_dim).transpose(3, 4)
+    kv = KVArena.for_model(c, 3, MAX_LEN, position_major=kernel is not None)  # one spare row
     input_ids = torch.zeros(len(seqs), max(PROMPT_LENS), dtype=torch.long)
     for i, seq in enumerate(seqs):
         input_ids[i, :len(seq)] = torch.tensor(seq)
@@ -265,7 +263,7 @@ def test_bfloat16_load(name, tmp_path):
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert ours.rope_cos.dtype == torch.bfloat16
     c = ours.config
-    kv = torch.zeros(c.num_layers, 2, 1, c.num_kv_heads, MAX_LEN, c.head_dim, dtype=torch.bfloat16)
+    kv = KVArena.for_model(c, 1, MAX_LEN, torch.bfloat16)
     batch = ForwardBatch.prefill(slice(0, 1), [6], torch.device("cpu"))
     ids = torch.arange(6)[None]
     with torch.no_grad():

@@ -1,9 +1,9 @@
 """The C kernels where no compiler works: neither is built, the log says so, and the engine serves the same
 tokens on torch's operators."""
 
-import torch
 
 from flover_backend import EngineConfig, SamplingParams
+from flover_backend.execution.kv_arena import KVArena
 from tests.test_engine import PROMPTS, run_staggered, token_ids
 
 
@@ -17,7 +17,7 @@ def test_without_a_compiler_the_engine_serves_the_same_tokens_on_torch(tmp_path,
         outputs = run_staggered(EngineConfig(model="builtin:tiny", max_num_seqs=4, num_threads=1), jobs,
                                 prepare=lambda engine: kernels.extend(
                                     [engine.runner.attention_kernel is not None, engine.runner.sampler.kernel is not None,
-                                     _position_major(engine.runner.arena.tensor),
+                                     _position_major(engine.runner.arena),
                                      engine.runner.model.model.norm.kernels is not None,
                                      engine.runner.model.lm_head.small_gemm is not None]))
         return [token_ids(output) for output in outputs], kernels
@@ -33,6 +33,7 @@ def test_without_a_compiler_the_engine_serves_the_same_tokens_on_torch(tmp_path,
     assert without_kernels == with_kernels
 
 
-def _position_major(arena: torch.Tensor) -> bool:
-    """Whether the arena (layers, 2, rows, nkv, max_len, hd) stores positions outside heads."""
-    return arena.stride(3) < arena.stride(4)
+def _position_major(arena: KVArena) -> bool:
+    """Whether the arena stores positions outside heads: a layer's keys (rows, nkv, max_len, hd) step heads faster."""
+    keys, _ = arena.layer(0)
+    return keys.stride(1) < keys.stride(2)

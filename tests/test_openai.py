@@ -123,6 +123,22 @@ def test_completion_equals_in_process_engine(client, engine, stream):
         num_prompt, num_output, num_prompt + num_output) == (num_prompt, 24, num_prompt + 24)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_repeated_prompt_reports_the_tokens_it_reused(client, stream):
+    """The second time, every prompt token but the last is copied from the first request's retained row."""
+    prompt = f"{'Streamed' if stream else 'Whole'}: prefix reuse, asked twice; the same words, the same keys."
+    args = {"model": "flover", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    usages = []
+    for _ in range(2):
+        if stream:
+            chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+            usages.append(chunks[-1].usage)
+        else:
+            usages.append(client.completions.create(**args).usage)
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert usages[1].prompt_tokens_details.cached_tokens == usages[1].prompt_tokens - 1 > 8
+
+
 def test_token_id_prompt_and_echo(client, engine):
     ids = engine.tokenizer.encode(PROMPT).ids
     text, _, _ = greedy(engine, prompt_token_ids=ids, max_tokens=8)

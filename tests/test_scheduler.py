@@ -9,7 +9,9 @@ from flover_backend.sampling.params import SamplingParams
 
 
 def make_scheduler(**overrides) -> Scheduler:
-    return Scheduler(EngineConfig(**{"max_num_seqs": 4, **overrides}))
+    """Prefix caching off: these prompts all share their tokens, and retained rows and copies would change which
+    rows move (tests/test_prefix_cache.py covers those)."""
+    return Scheduler(EngineConfig(**{"max_num_seqs": 4, "prefix_caching": False, **overrides}))
 
 
 def make_request(req_id: str, prompt_len: int = 3, max_tokens: int = 4, arrival: float = 0.0, **params) -> Request:

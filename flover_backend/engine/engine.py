@@ -44,6 +44,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose keys were copied from another row, not computed
     logprobs: list[TokenLogprobs] | None = None  # one per new token, if the request asked for logprobs
     cumulative_logprob: float | None = None  # of every token so far, if the request asked for logprobs
 
@@ -253,8 +254,11 @@ class Engine:
         with self._lock:
             self._num_queued -= len(out.admitted) + sum(request.row < 0 for request in out.aborted)
         if result is not None and result.failure is not None:
-            # Prompts part-way through too: their rows never got this iteration's chunk.
-            for request in out.decode + [chunk.request for chunk in out.prefill]:
+            # Prompts part-way through too: their rows never got this iteration's chunk. Arrivals given a prefix copy
+            # too, though they got no chunk: the copy ran in the failed step, perhaps not at all.
+            failed = out.decode + [chunk.request for chunk in out.prefill]
+            failed += [request for request in out.admitted if request.num_prefix_cached_tokens and request not in failed]
+            for request in failed:
                 request.error = result.failure
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
                 emitted.append((request, [], "", []))
@@ -278,8 +282,13 @@ class Engine:
                 seconds=time.perf_counter() - started, decode_seconds=result.timings.decode,
                 num_decode=len(out.decode), decode_span=out.decode_span, num_prefill=len(out.scheduled) - len(out.decode),
                 num_waiting=self.scheduler.num_waiting,
-                num_prompt_tokens=sum(chunk.end - chunk.start for chunk in out.prefill),
-                moved_bytes=result.moved_bytes, compaction_seconds=result.timings.compaction))
+                # Copied prompt tokens count too, as vLLM counts cached ones: the total is every prompt's length.
+                num_prompt_tokens=sum(chunk.end - chunk.start for chunk in out.prefill)
+                + sum(request.num_prefix_cached_tokens for request in out.admitted),
+                moved_bytes=result.moved_bytes, compaction_seconds=result.timings.compaction,
+                prefix_queried_tokens=sum(request.num_prompt_tokens for request in out.admitted)
+                if self.scheduler.prefixes is not None else 0,
+                prefix_hit_tokens=sum(request.num_prefix_cached_tokens for request in out.admitted)))
         return emitted
 
     def _publish_counts(self) -> None:
@@ -288,6 +297,10 @@ class Engine:
         self.stats.num_waiting = self.scheduler.num_waiting
         positions = sum(request.num_cached_tokens for request in running)
         self.stats.kv_bytes_in_use = positions * self._kv_bytes_per_position
+        if self.scheduler.prefixes is not None:
+            retained = self.scheduler.prefixes.lengths()
+            self.stats.num_retained_rows = len(retained)
+            self.stats.kv_bytes_retained = sum(retained.values()) * self._kv_bytes_per_position
 
     def _drain_inbox(self) -> None:
         while True:
@@ -315,7 +328,8 @@ class Engine:
         for request, new_token_ids, new_text, logprobs in emitted:
             finished = request.status.finished
             output = RequestOutput(request.req_id, new_token_ids, new_text, finished, request.status.finish_reason,
-                                   request.num_prompt_tokens, request.num_output_tokens, request.error)
+                                   request.num_prompt_tokens, request.num_output_tokens, request.error,
+                                   request.num_prefix_cached_tokens)
             if request.params.logprobs is not None:
                 output.logprobs, output.cumulative_logprob = logprobs, request.cumulative_logprob
             callback = self._callbacks[request.req_id]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from flover_backend.config import EngineConfig
+from flover_backend.engine.prefix_cache import PrefixCache
 from flover_backend.execution.iteration import PrefillChunk, SchedulerOutput
 from flover_backend.execution.row_table import RowTable
 from flover_backend.request import Request, RequestStatus
@@ -15,7 +16,9 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.rows = RowTable(config.max_num_seqs, config.compaction)
+        max_retained = min(config.max_retained_prefixes, config.max_num_seqs) if config.prefix_caching else 0
+        self.rows = RowTable(config.max_num_seqs, config.compaction, max_retained)
+        self.prefixes = PrefixCache(self.rows) if config.prefix_caching else None
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self._pending_aborts: set[str] = set()
@@ -56,15 +59,22 @@ class Scheduler:
         out = SchedulerOutput(aborted=self._apply_aborts())
         out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         cached = {req_id: req.num_cached_tokens for req_id, req in self.running.items()}
+        if self.prefixes is not None:
+            cached |= self.prefixes.lengths()
         out.moves = self.rows.plan_compaction(cached)
         for move in out.moves:
-            self.running[self.rows.owner(move.dst)].row = move.dst
+            if self.rows.is_live(move.dst):  # else a retained row, which the table itself tracks
+                self.running[self.rows.owner(move.dst)].row = move.dst
         out.decode = sorted((req for req in self.running.values() if not req.is_prefilling), key=lambda req: req.row)
         out.decode_span = out.decode[-1].row + 1 if out.decode else 0
         for request in self._admit(now):
             request.status = RequestStatus.RUNNING
             request.admitted_time = now
             request.row = self.rows.allocate(request.req_id)
+            # Copies run in order after the moves, so a donor may be an arrival given its own copy just before.
+            copy = self.prefixes.reuse(request, self.running.values()) if self.prefixes is not None else None
+            if copy is not None:
+                out.prefix_copies.append(copy)
             self.running[request.req_id] = request
             out.admitted.append(request)
         out.prefill = self._prompt_chunks()
@@ -94,7 +104,11 @@ class Scheduler:
         if request.status.finished:
             return
         if request.status == RequestStatus.RUNNING:
-            self.rows.release(request.row)
+            # A failed request's row may hold keys its forward never finished writing: never a donor.
+            if self.prefixes is not None and status != RequestStatus.FINISHED_ERROR:
+                self.prefixes.retain(request)  # keeps the row for the keys it holds, or frees it
+            else:
+                self.rows.release(request.row)
             del self.running[request.req_id]
         else:
             self.waiting.remove(request)
@@ -115,11 +129,11 @@ class Scheduler:
     def _admit(self, now: float) -> list[Request]:
         policy = self.config.policy
         if policy == "fused":
-            budget = self.rows.num_free
+            budget = self.rows.num_available
         elif policy == "solo":
             budget = 0 if self.running else 1
         elif self.seconds_until_admission(now) == 0.0:  # the batch has drained and the window closed
-            budget = min(self.config.batch_limit, self.rows.num_free)
+            budget = min(self.config.batch_limit, self.rows.num_available)
         else:
             budget = 0
         return [self.waiting.popleft() for _ in range(min(budget, len(self.waiting)))]

@@ -29,6 +29,8 @@ class IterationRecord:
     num_prompt_tokens: int = 0  # prompt tokens prefilled at this boundary
     moved_bytes: int = 0  # KV bytes compaction copied before the forward
     compaction_seconds: float = 0.0
+    prefix_queried_tokens: int = 0  # prompt tokens of the requests admitted at this boundary (prefix caching on)
+    prefix_hit_tokens: int = 0  # of those, copied from a live or retained row's keys
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,14 @@ class FinishedRecord:
     time_to_first_token: float | None
     time_per_output_token: float | None
     e2e_latency: float | None
+    num_cached_tokens: int = 0  # prompt tokens whose keys were copied from another row (prefix reuse)
 
     @classmethod
     def of(cls, request: Request) -> FinishedRecord:
         """The record of a finished request."""
         return cls(request.req_id, request.status.finish_reason, request.num_prompt_tokens,
                    request.num_output_tokens, request.queue_time, request.time_to_first_token,
-                   request.time_per_output_token, request.e2e_latency)
+                   request.time_per_output_token, request.e2e_latency, request.num_prefix_cached_tokens)
 
     def describe(self) -> str:
         """One log line's worth: `key=value` pairs, times in seconds, '-' for those it never reached."""
@@ -58,7 +61,7 @@ class FinishedRecord:
             return "-" if value is None else f"{value:.4f}s"
 
         return (f"finish_reason={self.finish_reason} prompt_tokens={self.num_prompt_tokens} "
-                f"output_tokens={self.num_output_tokens} queue_time={seconds(self.queue_time)} "
+                f"output_tokens={self.num_output_tokens} cached_tokens={self.num_cached_tokens} queue_time={seconds(self.queue_time)} "
                 f"ttft={seconds(self.time_to_first_token)} tpot={seconds(self.time_per_output_token)} "
                 f"e2e={seconds(self.e2e_latency)}")
 
@@ -111,6 +114,10 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_bytes_in_use: int = 0  # KV positions held by running requests, in bytes
+    num_retained_rows: int = 0  # rows finished requests keep for prefix reuse (an arrival takes them back first)
+    kv_bytes_retained: int = 0  # KV positions those rows hold, in bytes
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
     num_generated_tokens: int = 0
     num_prompt_tokens: int = 0
     compaction_bytes: int = 0
@@ -128,6 +135,8 @@ class EngineStats:
         self.num_generated_tokens += iteration.num_decode + iteration.num_prefill
         self.num_prompt_tokens += iteration.num_prompt_tokens
         self.compaction_bytes += iteration.moved_bytes
+        self.prefix_queried_tokens += iteration.prefix_queried_tokens
+        self.prefix_hit_tokens += iteration.prefix_hit_tokens
         self.iterations.append(iteration)
 
     def record_finished(self, finished: FinishedRecord) -> None:

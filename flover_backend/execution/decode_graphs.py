@@ -4,7 +4,7 @@ An eager decode step of a 22-layer Llama launches about a thousand small kernels
 is Python and launch overhead, not the weights' bytes. Replaying a captured graph launches them in one
 call. A graph fixes every shape, so the batch is padded up to a bucket size and attention reads a
 bucketed number of key positions; padded rows decode a dummy token that writes its key at the scratch
-position (max_model_len - 1), which no request ever uses.
+position (the arena's `scratch_position`), which no request ever uses.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def key_bucket(longest_context: int, max_model_len: int) -> int:
 class DecodeGraphs:
     """Decode over padded static inputs: CUDA graphs per (batch, keys) shape on a GPU, the same forward eagerly elsewhere."""
 
-    def __init__(self, model: Callable, kv: torch.Tensor, max_num_seqs: int, max_model_len: int, dtype: torch.dtype):
+    def __init__(self, model: Callable, kv: KVArena, max_num_seqs: int, max_model_len: int, dtype: torch.dtype):
         self.model, self.kv, self.dtype = model, kv, dtype
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_num_seqs)
@@ -56,7 +57,7 @@ class DecodeGraphs:
         Every row is free at start-up, so the dummy rows these runs write to are nobody's.
         """
         if self.capture:
-            scratch = self.max_model_len - 1
+            scratch = self.kv.scratch_position
             for batch in self.buckets:
                 self([0] * batch, [0] * batch, [scratch] * batch)
 
@@ -68,7 +69,7 @@ class DecodeGraphs:
         num_keys = key_bucket(max(context_lens), self.max_model_len)
         padding = batch - span
         host = torch.tensor([token_ids + [0] * padding, context_lens + [0] * padding,
-                             write_pos + [self.max_model_len - 1] * padding], dtype=torch.long)
+                             write_pos + [self.kv.scratch_position] * padding], dtype=torch.long)
         self.input_ids[:batch, 0].copy_(host[0])
         self.context_lens[:batch].copy_(host[1])
         self.write_pos[:batch].copy_(host[2])

@@ -27,6 +27,7 @@ class SchedulerOutput:
     """What one iteration runs: row moves, then one decode forward, then prompt chunks."""
 
     moves: list[RowMove] = field(default_factory=list)
+    prefix_copies: list[RowMove] = field(default_factory=list)  # after the moves: an arrival's prompt start, copied
     decode: list[Request] = field(default_factory=list)  # in row order
     decode_span: int = 0  # the decode forward covers rows [0, decode_span); rows in it not decoding are dummies
     prefill: list[PrefillChunk] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""The KV arena's storage: one preallocated layer-major buffer (NumPy on CPU, CuPy on GPU) seen by torch."""
+"""The KV arena: one preallocated layer-major buffer (NumPy on CPU, CuPy on GPU) seen by torch, behind named views."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ _STORAGE_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.bf
 
 
 class KVArena:
-    """`[num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim]`, viewed by torch once.
+    """Every layer's keys and values for `max_num_seqs` rows of `max_model_len` positions, viewed by torch once.
+
+    Callers see it through `layer(i)` (that layer's keys and values, each (rows, nkv, max_model_len, hd)),
+    `used_span`, `scratch_position` and `apply_moves`; how the six dimensions lie in memory is its own business.
 
     Compaction copies rows in place with the array library that owns the memory, so the torch view
     made at start-up stays valid for the life of the engine. `position_major` (CPU only) stores each row's
@@ -43,10 +46,25 @@ class KVArena:
             self.array = np.zeros([shape[axis] for axis in order], dtype=storage_dtype).transpose(order)
             view = torch.from_numpy(self.array)
         self.tensor = view.view(dtype) if view.dtype != dtype else view
+        self.num_rows, self.max_model_len, self.num_kv_heads = max_num_seqs, max_model_len, num_kv_heads
+        self.position_major = position_major
+        # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
+        # token is never fed back, so positions stop at max_model_len - 2. Rows that a forward covers but that
+        # are not decoding write their dummy key here.
+        self.scratch_position = max_model_len - 1
+        # Made once: a forward asks for every layer's views, and building them per call costs more than the list.
+        self._layers = [(self.tensor[i, 0], self.tensor[i, 1]) for i in range(num_layers)]
         self.bytes_per_position = num_layers * 2 * num_kv_heads * head_dim * self.tensor.element_size()
         self.copier = "numpy"
         if self.device.type == "cuda":
             self.copier = self._warm_up_cupy_copy()
+
+    @classmethod
+    def for_model(cls, config, max_num_seqs: int, max_model_len: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", position_major: bool = False) -> KVArena:
+        """An arena sized for a model's config (its `num_layers`, `num_kv_heads` and `head_dim`)."""
+        return cls(config.num_layers, max_num_seqs, config.num_kv_heads, max_model_len, config.head_dim, dtype,
+                   torch.device(device), position_major)
 
     def _warm_up_cupy_copy(self) -> str:
         """Compile CuPy's copy kernel now, not in the first compaction under load; which copier works.
@@ -64,6 +82,19 @@ class KVArena:
             return "torch"
 
     @property
+    def num_layers(self) -> int:
+        """Layers whose keys and values it holds."""
+        return len(self._layers)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (keys, values), each (rows, num_kv_heads, max_model_len, head_dim), views of the arena."""
+        return self._layers[index]
+
+    def used_span(self, row: int, length: int) -> torch.Tensor:
+        """Row `row`'s first `length` positions of every layer, (num_layers, 2, num_kv_heads, length, head_dim), a view."""
+        return self.tensor[:, :, row, :, :length]
+
+    @property
     def nbytes(self) -> int:
         """Size of the whole buffer."""
         return self.tensor.numel() * self.tensor.element_size()
@@ -71,8 +102,8 @@ class KVArena:
     def apply_moves(self, moves: list[RowMove]) -> int:
         """Copy each move's used positions only (a row holds its request's length, not max_model_len); bytes copied.
 
-        Sources are live rows past the dense prefix and destinations holes inside it, so no move reads a row
-        another has written: the copies can go one after another, each as long as its own row.
+        The copies go one after another, in the list's order, each as long as its own row: a move that reads a
+        row another move writes comes before it (compaction plans them so; prefix copies come after the moves).
         """
         if self.copier == "cupy":
             self._copy_on_torch_stream(moves)

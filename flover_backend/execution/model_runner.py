@@ -84,6 +84,7 @@ class StepPlan:
     """One iteration in plain lists: what every tensor-parallel rank needs to run the same forwards."""
 
     moves: list[RowMove]
+    prefix_copies: list[RowMove]  # after the moves, in order: arrivals' prompt starts copied from other rows
     decode_span: int  # the decode forward covers rows [0, decode_span)
     decode_rows: list[int]  # the decoding requests' rows, in the order their tokens come back
     decode_token_ids: list[int]
@@ -97,7 +98,7 @@ class StepPlan:
     def from_output(cls, out: SchedulerOutput) -> StepPlan:
         """The plan for a scheduler decision."""
         chunks = out.prefill
-        return cls(out.moves, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
+        return cls(out.moves, out.prefix_copies, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
                    [r.num_cached_tokens for r in out.decode], [c.request.row for c in chunks],
                    [c.request.prompt_token_ids[c.start:c.end] for c in chunks], [c.start for c in chunks],
                    [c.is_last for c in chunks])
@@ -141,19 +142,16 @@ class ModelRunner:
             device=self.device,
             position_major=self.attention_kernel is not None,
         )
-        # The key slot of a row that no request writes: prompt + max_tokens <= max_model_len, and the last
-        # token is never fed back, so positions stop at max_model_len - 2.
         self.max_model_len = config.max_model_len
-        self.scratch_position = config.max_model_len - 1
         # Graphs hold no collectives: with tensor parallelism every rank decodes eagerly.
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
-        self.decode_graphs = DecodeGraphs(self.model, self.arena.tensor, config.max_num_seqs, config.max_model_len,
+        self.decode_graphs = DecodeGraphs(self.model, self.arena, config.max_num_seqs, config.max_model_len,
                                           self.dtype) if use_graphs else None
         self.prefill_graphs = None
         if self.decode_graphs is not None:
             # A chunk is at most the iteration's prompt budget, and no prompt outgrows the arena.
             max_width = min(config.max_prefill_tokens or config.max_model_len, config.max_model_len)
-            self.prefill_graphs = PrefillGraphs(self.model, self.arena.tensor, max_width, self.decode_graphs.pool)
+            self.prefill_graphs = PrefillGraphs(self.model, self.arena, max_width, self.decode_graphs.pool)
             with torch.inference_mode():
                 self.decode_graphs.capture_batch_sizes()
                 self.prefill_graphs.capture_widths(free_row=0)
@@ -189,6 +187,7 @@ class ModelRunner:
         timings = StepTimings()
         start = time.perf_counter()
         moved_bytes = self.arena.apply_moves(plan.moves)
+        self.arena.apply_moves(plan.prefix_copies)  # timed with compaction: the same kind of copy
         timings.compaction = self._synced_clock() - start
         if self.decode_graphs is None:
             hidden = self._fused(plan)
@@ -232,7 +231,7 @@ class ModelRunner:
         # With prompt tokens in it, the forward's length is padded to a multiple of PREFILL_ALIGN (see there).
         num_tokens = _aligned(len(token_ids)) if plan.prefill_rows else len(token_ids)
         input_ids = torch.tensor(token_ids + [0] * (num_tokens - len(token_ids)), device=self.device)[None]
-        hidden = self.model(input_ids, ForwardBatch.fused(parts, num_tokens), self.arena.tensor)[0]  # (N, hidden)
+        hidden = self.model(input_ids, ForwardBatch.fused(parts, num_tokens), self.arena)[0]  # (N, hidden)
         states = []
         if plan.decode_rows:
             states.append(self._decoding_rows(plan, hidden[:plan.decode_span]))
@@ -247,7 +246,7 @@ class ModelRunner:
         attends to position 0 and writes its key at the scratch position, which no request ever uses.
         """
         span = plan.decode_span
-        token_ids, context_lens, write_pos = [0] * span, [0] * span, [self.scratch_position] * span
+        token_ids, context_lens, write_pos = [0] * span, [0] * span, [self.arena.scratch_position] * span
         for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
             token_ids[row], context_lens[row], write_pos[row] = token_id, context_len, context_len
         return token_ids, context_lens, write_pos
@@ -304,7 +303,7 @@ class ModelRunner:
         dense = rows_list == list(range(rows_list[0], rows_list[0] + len(rows_list)))
         rows = slice(rows_list[0], rows_list[-1] + 1) if dense else torch.tensor(rows_list, device=self.device)
         batch = ForwardBatch.prefill(rows, chunk_lens, self.device, [plan.prefill_starts[i] for i in group], width)
-        return self.model(input_ids.to(self.device), batch, self.arena.tensor), batch.last_index
+        return self.model(input_ids.to(self.device), batch, self.arena), batch.last_index
 
     def _synced_clock(self) -> float:
         """Wall time after the device has finished queued work, so phases are timed honestly on GPU."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from flover_backend.execution.decode_graphs import record_graph
+from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class PrefillGraphs:
     """One row's first prompt chunk over padded static inputs: a CUDA graph per width on a GPU, the same
     forward eagerly elsewhere."""
 
-    def __init__(self, model: Callable, kv: torch.Tensor, max_width: int, pool=None):
+    def __init__(self, model: Callable, kv: KVArena, max_width: int, pool=None):
         self.model, self.kv = model, kv
         self.widths = width_buckets(max_width)
         device = kv.device

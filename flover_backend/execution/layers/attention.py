@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from flover_backend.native.attention import DecodeAttentionKernel
+
+
+class KVLayers(Protocol):
+    """What a model sees of the KV arena (`kv_arena.KVArena`): each layer's cached keys and values."""
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (keys, values), each (rows, num_kv_heads, max_len, head_dim), views of the arena."""
+        ...
 
 
 @dataclass

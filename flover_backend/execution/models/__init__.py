@@ -6,7 +6,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.layers.attention import ForwardBatch, KVLayers
 from flover_backend.execution.models.gpt2 import GPT2
 from flover_backend.execution.models.gptj import GPTJ
 from flover_backend.execution.models.llama import Llama
@@ -38,16 +38,15 @@ class CausalLM(Protocol):
     `Model(config, rank, world)` builds tensor-parallel rank `rank`'s share of `world` (`config` as read by
     `config_class.from_hf`; `self.config` is then this rank's share). Parameters keep the checkpoint's names,
     except the projections it serves stacked (`stacked_modules`), which the loader fills part by part.
-    `kv` is (num_layers, 2, max_num_seqs, num_kv_heads, max_model_len, head_dim); layer i reads and
-    writes `kv[i, 0]` (keys) and `kv[i, 1]` (values) through `arena_attention` only. These members are
-    everything the loader and the runner use.
+    `kv` is the arena (`KVLayers`): layer i reads and writes the views `kv.layer(i)` (keys, values) through
+    `arena_attention` only. These members are everything the loader and the runner use.
     """
 
     config_class: ClassVar[type]
     stacked_modules: ClassVar[dict[str, tuple[str, int]]]  # {checkpoint module: (stacked module, its part)}
     config: ModelConfig
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVLayers) -> torch.Tensor:
         """(B, T) token ids at `batch.positions` -> (B, T, hidden) final-normed hidden states."""
         ...
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flover_backend.execution.layers.attention import ForwardBatch, arena_attention
+from flover_backend.execution.layers.attention import ForwardBatch, KVLayers, arena_attention
 from flover_backend.native.small_gemm import SmallGemmKernel
 
 
@@ -166,12 +166,12 @@ class GPT2(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVLayers) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden) final-normed states; writes this step's keys into `kv`."""
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(batch.positions)  # (B, T, hidden)
         for i, block in enumerate(t.h):
-            x = block(x, batch, kv[i, 0], kv[i, 1])
+            x = block(x, batch, *kv.layer(i))
         return t.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

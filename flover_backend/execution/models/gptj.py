@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from flover_backend.execution.layers.attention import ForwardBatch, arena_attention
+from flover_backend.execution.layers.attention import ForwardBatch, KVLayers, arena_attention
 from flover_backend.execution.layers.linear import MergedColumnParallelLinear, RowParallelLinear, pack_linears
 from flover_backend.native.small_gemm import SmallGemmKernel
 
@@ -185,14 +185,14 @@ class GPTJ(nn.Module):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVLayers) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden) final-normed states; writes this step's keys into `kv`."""
         # One gather per step, shared by every layer: (B, 1, T, rotary_dim) broadcasts over heads.
         cos = self.rotary_cos[batch.positions].unsqueeze(1)
         sin = self.rotary_sin[batch.positions].unsqueeze(1)
         x = self.transformer.wte(input_ids)  # (B, T, hidden)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, batch, kv[i, 0], kv[i, 1])
+            x = block(x, cos, sin, batch, *kv.layer(i))
         return self.transformer.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flover_backend.execution.layers.attention import ForwardBatch, arena_attention
+from flover_backend.execution.layers.attention import ForwardBatch, KVLayers, arena_attention
 from flover_backend.execution.layers.linear import (
     MergedColumnParallelLinear,
     PackedLinear,
@@ -280,7 +280,7 @@ class Llama(nn.Module):
         scale = torch.tensor(config.hidden_size**0.5, device="cpu") if config.scale_embeddings else None
         self.register_buffer("embed_scale", scale, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv: KVLayers) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden) final-normed states; writes this step's keys into `kv`."""
         # One gather per step, shared by every layer: (B, 1, T, hd) broadcasts over heads.
         cos = self.rope_cos[batch.positions].unsqueeze(1)
@@ -289,7 +289,7 @@ class Llama(nn.Module):
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, batch, kv[i, 0], kv[i, 1])
+            x = layer(x, cos, sin, batch, *kv.layer(i))
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

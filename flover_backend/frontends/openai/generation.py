@@ -106,7 +106,8 @@ async def whole(request: Request, answer: Answer, deltas: AsyncIterator[Delta]) 
         return Response(status_code=499)  # nobody reads it
     check_finish(last)
     choice = answer.choice("".join(texts), ids, last.finish_reason, stream=False, logprobs=logprobs)
-    return JSONResponse(answer.envelope.body([choice], usage=usage(last.num_input_tokens, last.num_output_tokens)))
+    return JSONResponse(answer.envelope.body([choice], usage=usage(last.num_input_tokens, last.num_output_tokens,
+                                                                               last.num_cached_tokens)))
 
 
 async def streamed(request: Request, answer: Answer, deltas: AsyncIterator[Delta]) -> Response:
@@ -141,7 +142,8 @@ async def _events(answer: Answer, first: Delta, deltas: AsyncIterator[Delta]) ->
                 break
             delta = await anext(deltas)
         if answer.include_usage:
-            yield _event(answer.envelope.body([], usage=usage(delta.num_input_tokens, delta.num_output_tokens)))
+            yield _event(answer.envelope.body([], usage=usage(delta.num_input_tokens, delta.num_output_tokens,
+                                                                  delta.num_cached_tokens)))
     except APIError as error:
         yield _event(error.body())
     finally:

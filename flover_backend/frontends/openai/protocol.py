@@ -219,10 +219,11 @@ def _param(error: dict) -> str:
                     if isinstance(part, int) or part in _FIELD_NAMES or (unknown and at == len(loc) - 1))
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    """OpenAI's `usage` object from the engine's token counts."""
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict:
+    """OpenAI's `usage` object from the engine's token counts (cached: prompt tokens reused, not computed)."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Delta:
     finish_reason: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose keys the engine reused (usage.prompt_tokens_details)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def _delta(result) -> Delta:
     final = result.get_response().parameters.get("triton_final_response")
     if reason is not None or (final is not None and final.bool_param):
         delta.finish_reason = reason[0].decode() if reason is not None else "stop"
-        for name in ("num_input_tokens", "num_output_tokens"):
+        for name in ("num_input_tokens", "num_output_tokens", "num_cached_tokens"):
             count = result.as_numpy(name)
             setattr(delta, name, int(count[0]) if count is not None else 0)
     return delta

@@ -235,7 +235,8 @@ def _token_tensors(text: str, token_ids: list[int]) -> list:
 def _final_tensors(output: RequestOutput) -> list:
     return [pb_utils.Tensor("finish_reason", np.array([output.finish_reason.encode()], dtype=np.object_)),
             pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], dtype=np.int32))]
+            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], dtype=np.int32)),
+            pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], dtype=np.int32))]
 
 
 def _send_error(sender, message: str, code) -> None:

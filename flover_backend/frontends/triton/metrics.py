@@ -66,6 +66,12 @@ METRICS = (
     MetricSpec("flover_kv_cache_bytes_in_use", GAUGE, "KV bytes holding running requests' positions"),
     MetricSpec("flover_kv_cache_usage_perc", GAUGE, "KV arena usage, 1 means full", "vllm:gpu_cache_usage_perc"),
     MetricSpec("flover_compaction_bytes_total", COUNTER, "KV bytes moved by compaction"),
+    MetricSpec("flover_prefix_cache_queries_total", COUNTER, "Prompt tokens of admitted requests looked up for reuse",
+               "vllm:prefix_cache_queries"),
+    MetricSpec("flover_prefix_cache_hits_total", COUNTER, "Prompt tokens whose keys were copied from a held row",
+               "vllm:prefix_cache_hits"),
+    MetricSpec("flover_prefix_cache_retained_rows", GAUGE, "Arena rows finished requests keep for prefix reuse"),
+    MetricSpec("flover_kv_cache_bytes_retained", GAUGE, "KV bytes of the positions retained rows hold"),
     MetricSpec("flover_compaction_seconds", HISTOGRAM, "Duration of one compaction (iterations that moved rows)",
                buckets=COMPACTION_BUCKETS),
 )
@@ -133,6 +139,8 @@ class EngineMetrics:
         self._add("flover_prompt_tokens_total", stats.num_prompt_tokens)
         self._add("flover_generated_tokens_total", stats.num_generated_tokens)
         self._add("flover_compaction_bytes_total", stats.compaction_bytes)
+        self._add("flover_prefix_cache_queries_total", stats.prefix_queried_tokens)
+        self._add("flover_prefix_cache_hits_total", stats.prefix_hit_tokens)
         for reason, count in stats.finish_reasons.items():
             self._add("flover_request_success_total", count, reason)
         for reason, count in self._refused.items():
@@ -146,6 +154,8 @@ class EngineMetrics:
                             ("flover_arena_rows_in_use", stats.num_running),  # one row per running request
                             ("flover_kv_cache_bytes_allocated", stats.kv_bytes_allocated),
                             ("flover_kv_cache_bytes_in_use", stats.kv_bytes_in_use),
+                            ("flover_prefix_cache_retained_rows", stats.num_retained_rows),
+                            ("flover_kv_cache_bytes_retained", stats.kv_bytes_retained),
                             ("flover_kv_cache_usage_perc", usage)):
             if self._seen.get(name) != value:
                 self._metrics[name].set(value)

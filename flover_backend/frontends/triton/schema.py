@@ -58,6 +58,7 @@ OUTPUTS = (
     TensorSpec("finish_reason", "TYPE_STRING", (-1,)),  # on the final response only
     TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("num_cached_tokens", "TYPE_INT32", (1,)),  # final: prompt tokens whose keys were reused, not computed
     # If asked for (return_logprobs, or `logprobs` in sampling_parameters): this response's tokens' logprobs as
     # JSON in vLLM's shape, [{"<token id>": {"logprob", "rank", "decoded_token"}, ...} per token], chosen first.
     TensorSpec("logprobs", "TYPE_STRING", (-1,)),
