@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
 import secrets
 import signal
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 from flover_backend.openai_front.launcher import OpenAIFrontError, openai_front
 from flover_backend.repository import derive_repository
-from flover_backend.server_process import ServerProcess, ServerProcessError
+from flover_backend.server_process import (
+    LOG_MAX_BYTES,
+    ServerProcess,
+    ServerProcessError,
+    StartInterrupted,
+    raise_open_files_limit,
+)
+from flover_backend.stop_signals import StopSignals
+from flover_backend.supervisor import supervise
 from flover_backend.triton_env import (
     ADMIN_KEY_HEADER,
     GRPC_ADMIN_KEY_HEADER,
@@ -45,8 +52,10 @@ class TritonServer(ServerProcess):
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
                  log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
-                 stop_timeout_s: float = 40.0, admin_key: str | None = None):
-        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s)
+                 stop_timeout_s: float = 40.0, admin_key: str | None = None, open_files: int | None = None,
+                 log_max_bytes: int = LOG_MAX_BYTES):
+        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s,
+                         open_files=open_files, log_max_bytes=log_max_bytes)
         self.model_repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
@@ -153,40 +162,64 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                              "(0 turns the watchdog off)")
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="a model with requests running but no iteration for this long is reloaded")
+    parser.add_argument("--open-files", type=int,
+                        help="tritonserver's open-file limit; every connection holds one (default: the hard "
+                             "limit, `ulimit -Hn`): cap connections in front of it, see the README")
+    parser.add_argument("--log-max-mb", type=float, default=LOG_MAX_BYTES / 2**20,
+                        help="size at which tritonserver's log is rotated (one old copy is kept)")
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; return 0 on a requested stop, else tritonserver's exit code."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly under `kill` and docker stop
+    raise_open_files_limit()
+    with StopSignals() as stop:  # from here on Ctrl-C and SIGTERM (`kill`, docker stop) only set a flag
+        return _serve(args, stop)
+
+
+def _serve(args: argparse.Namespace, stop: StopSignals) -> int:
     repository = args.model_repository
     settings = model_settings(args)
     if args.models or settings:
         repository = derive_repository(work_dir() / f"repository-{args.http_port}", args.models, settings,
                                        source=args.model_repository)
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key)
+                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key,
+                          open_files=args.open_files, log_max_bytes=int(args.log_max_mb * 2**20))
+    front_process = openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key)
+    for process in (server, front_process):
+        if isinstance(process, ServerProcess):
+            process.interrupt = stop.wait  # a stop requested while it starts ends the start
     try:
-        with server, openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key) as front:
+        with server, front_process as front:
             print(f"tritonserver ready (log: {server.log_path})\n"
                   f"  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n  metrics: {server.metrics_url}\n"
-                  f"  models:  {', '.join(server.model_names()) or '(none)'}\n"
+                  f"  models:  {_model_list(server)}\n"
                   f"  admin:   {'key from --admin-key' if args.admin_key else 'closed (no --admin-key given)'}\n"
                   "Ctrl-C to stop.", flush=True)
             if front:
                 print(f"  openai:  {front.url}/v1 (log: {front.log_path})", flush=True)
-            code = supervise(server, args.watchdog_interval, args.stall_timeout, _stop_on_signals())
+            make_watchdog = (lambda: Watchdog(server, stall_s=args.stall_timeout)) if args.watchdog_interval > 0 else None
+            code = supervise(server, stop, make_watchdog, args.watchdog_interval)
             if code is None:
                 print("stopped.", file=sys.stderr)
                 return 0
             print(f"tritonserver exited on its own with code {code}\n{server.log_excerpt()}", file=sys.stderr)
             return max(code, 1)
-    except KeyboardInterrupt:  # while starting
+    except StartInterrupted:
         print("stopped.", file=sys.stderr)
         return 0
     except (TritonServerError, WatchdogGaveUp, OpenAIFrontError) as error:
         print(error, file=sys.stderr)
         return 1
+
+
+def _model_list(server: TritonServer) -> str:
+    """The banner's model names; the probe can fail (a flood of connections) without stopping the launch."""
+    try:
+        return ", ".join(server.model_names()) or "(none)"
+    except (OSError, ValueError, http.client.HTTPException) as error:  # the watchdog keeps probing
+        return f"(unknown: {type(error).__name__}: {error})"
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -195,37 +228,3 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
     if args.log_level:
         settings["log_level"] = args.log_level
     return settings
-
-
-def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:
-    """Until `stop` is set (None) or tritonserver exits (its code), reloading broken models every interval_s.
-
-    Raises WatchdogGaveUp when a model cannot be kept serving (the caller stops the server and exits 1).
-    """
-    watchdog = Watchdog(server, stall_s=stall_s) if interval_s > 0 else None
-    next_check = time.monotonic() + interval_s
-    while not stop.wait(timeout=1.0):
-        code = server.poll()
-        if code is not None:
-            return code
-        if watchdog is not None and time.monotonic() >= next_check:
-            watchdog.check()
-            next_check = time.monotonic() + interval_s
-    return None
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event that Ctrl-C and SIGTERM set, instead of raising KeyboardInterrupt wherever the main thread is.
-
-    An exception raised at an arbitrary point can land inside Popen's wait bookkeeping and leave its lock
-    held, after which the child's exit is never seen: the stop then waits out every timeout.
-    """
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    return stop
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """Turn SIGTERM into the same orderly shutdown as Ctrl-C."""
-    raise KeyboardInterrupt

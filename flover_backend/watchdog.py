@@ -115,11 +115,13 @@ class Watchdog:
     def _broken_models(self) -> dict[str, str]:
         """Each unhealthy model and why."""
         now = time.monotonic()
+        # The server first: when it does not answer (the caller counts a failed probe and tries again), the
+        # stubs seen dead must still be known as dead at the next check.
+        ready = set(self.server.model_names())
         live = {stub.pid: stub for stub in find_stubs(self.server.process.pid)}
         self._dead_stubs = [stub for pid, stub in self._stubs.items() if pid not in live]
         broken = {stub.model: f"its backend process {stub.pid} died" for stub in self._dead_stubs}
         self._stubs = live
-        ready = set(self.server.model_names())
         for model in self.models:
             if model not in ready:
                 broken.setdefault(model, "it is no longer loaded (its engine failed)")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import types
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flover_backend import watchdog as watchdog_module
 from flover_backend.serve import TritonServer
 from flover_backend.triton_env import SHM_DIR
-from flover_backend.watchdog import StallDetector, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
+from flover_backend.watchdog import StallDetector, Stub, Watchdog, WatchdogGaveUp, find_stubs, parse_metric
 from tests.echo_server import free_ports, launch_cli, write_repository
 from tests.waiting import wait_for
 
@@ -42,6 +44,36 @@ def test_parse_metric_sums_per_model():
             'flover_requests_running{model="a",version="2"} 1\n'
             'flover_requests_runningx{model="a"} 9\n')
     assert parse_metric(page, "flover_requests_running") == {"a": 3.0, "b": 0.0}
+
+
+class UnansweringServer:
+    """A server whose model index times out while `answering` is False (out of descriptors, say)."""
+
+    process = types.SimpleNamespace(pid=1)
+    http_url, metrics_url, admin_headers = "http://127.0.0.1:1", "http://127.0.0.1:1/metrics", {}
+    answering = True
+
+    def model_names(self):
+        if not self.answering:
+            raise TimeoutError("timed out")
+        return ["echo"]
+
+
+def test_a_stub_that_died_while_the_server_did_not_answer_is_still_reloaded(monkeypatch):
+    stubs = [Stub(pid=4242, model="echo", shm_region="flover-test-none")]
+    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid: list(stubs))
+    monkeypatch.setattr(watchdog_module, "_kill", lambda pid: None)
+    loads = []
+    monkeypatch.setattr(Watchdog, "_load", lambda self, model: loads.append(model))
+    server = UnansweringServer()
+    watchdog = Watchdog(server)
+    assert watchdog.check() == []
+    stubs.clear()  # the stub dies while the server does not answer: that probe fails
+    server.answering = False
+    with pytest.raises(TimeoutError):
+        watchdog.check()
+    server.answering = True
+    assert watchdog.check() == ["echo"] and loads == ["echo"]
 
 
 @pytest.mark.triton
