@@ -101,11 +101,14 @@ def test_stop_ends_server_and_stubs(tmp_path):
     repo = write_repository(tmp_path / "repo")
     server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports()).start()
     pgid = server.process.pid
-    assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
-    started = time.monotonic()
-    assert server.stop() == 0  # a clean exit on SIGINT, not a kill
-    assert time.monotonic() - started < 15
-    assert group_members(pgid) == []
+    try:
+        assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
+        started = time.monotonic()
+        assert server.stop() == 0  # a clean exit on SIGINT, not a kill
+        assert time.monotonic() - started < 15
+        assert group_members(pgid) == []
+    finally:
+        server.stop()  # again, if an assertion failed before it: SIGKILLs the group at the end
 
 
 def test_missing_repository_fails_fast_with_log(tmp_path):
@@ -125,20 +128,20 @@ def test_broken_model_reports_its_error(tmp_path):
 
 
 def test_cli_serve_stops_on_sigterm(tmp_path):
-    cli, ports = launch_cli(tmp_path)
-    try:
-        lines = []
-        for line in cli.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        banner = "".join(lines)
-        assert f"http:    http://127.0.0.1:{ports['http_port']}" in banner
-        assert f"grpc:    127.0.0.1:{ports['grpc_port']}" in banner
-        assert "models:  echo" in banner
-    finally:
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=30) == 0, cli.stderr.read()
+    with launch_cli(tmp_path) as (cli, ports):
+        try:
+            lines = []
+            for line in cli.stdout:
+                lines.append(line)
+                if line.startswith("Ctrl-C"):
+                    break
+            banner = "".join(lines)
+            assert f"http:    http://127.0.0.1:{ports['http_port']}" in banner
+            assert f"grpc:    127.0.0.1:{ports['grpc_port']}" in banner
+            assert "models:  echo" in banner
+        finally:
+            cli.send_signal(signal.SIGTERM)
+            assert cli.wait(timeout=30) == 0, cli.stderr.read()
     log = next((tmp_path / "home" / "triton" / "logs").glob("tritonserver-*.log")).read_text()
     assert "successfully unloaded 'echo'" in log
 

@@ -108,19 +108,19 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
 
 @pytest.mark.triton
 def test_launcher_killed_takes_tritonserver_and_the_next_launch_clears_its_shared_memory(tmp_path):
-    cli, _ = launch_cli(tmp_path, stderr=subprocess.DEVNULL)
-    try:
-        for line in cli.stdout:
-            if line.startswith("Ctrl-C"):
-                break
-        (server_pid,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(cli.pid)], capture_output=True,
-                                                        text=True, check=True).stdout.split()]
-        regions = list(SHM_DIR.glob(f"flover-{cli.pid}-*"))
-        assert regions
-    finally:
-        cli.kill()  # SIGKILL: the launcher gets no chance to clean up
-        cli.wait(timeout=30)
-    assert wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _is_zombie(server_pid))
+    with launch_cli(tmp_path, stderr=subprocess.DEVNULL) as (cli, _):
+        try:
+            for line in cli.stdout:
+                if line.startswith("Ctrl-C"):
+                    break
+            (server_pid,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(cli.pid)], capture_output=True,
+                                                            text=True, check=True).stdout.split()]
+            regions = list(SHM_DIR.glob(f"flover-{cli.pid}-*"))
+            assert regions
+        finally:
+            cli.kill()  # SIGKILL: the launcher gets no chance to clean up
+            cli.wait(timeout=30)
+        assert wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _is_zombie(server_pid))
     with TritonServer(write_repository(tmp_path / "repo2"), log_path=tmp_path / "server.log", ready_timeout_s=120,
                       **free_ports()):
         assert not any(region.exists() for region in regions)
