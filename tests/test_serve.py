@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +21,7 @@ from flover_backend.cli import build_parser
 from flover_backend.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 from tests.echo_server import free_ports, group_members, launch_cli, write_repository
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
 
@@ -144,6 +147,51 @@ def test_cli_serve_stops_on_sigterm(tmp_path):
             assert cli.wait(timeout=30) == 0, cli.stderr.read()
     log = next((tmp_path / "home" / "triton" / "logs").glob("tritonserver-*.log")).read_text()
     assert "successfully unloaded 'echo'" in log
+
+
+def lines_of(stream) -> queue.Queue:
+    """A queue the lines of `stream` arrive in, read on a thread (so waiting for one has a deadline)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    return lines
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def test_idle_connections_past_the_open_file_limit_neither_end_the_launcher_nor_fill_the_disk(tmp_path):
+    """Idle connections use up tritonserver's descriptors: it accepts nothing, answers no probe and logs every
+    failed accept(). The launcher counts the failed probes and carries on; the log stays within its cap; once
+    the connections close the server answers again. A low limit (256) makes the attack cheap."""
+    cap = 256 << 10
+    with launch_cli(tmp_path, "--open-files=256", f"--log-max-mb={cap / 2**20}", "--watchdog-interval=0.2") as (
+            cli, ports):
+        connections = []
+        try:
+            assert any(line.startswith("Ctrl-C") for line in cli.stdout)
+            errors = lines_of(cli.stderr)
+            url = f"http://127.0.0.1:{ports['http_port']}"
+            for _ in range(400):  # far more than the 256 descriptors: the last ones wait in the listen backlog
+                connections.append(socket.create_connection(("127.0.0.1", ports["http_port"]), timeout=30))
+            while "health probe failed (1 in a row)" not in errors.get(timeout=120):
+                pass
+            log = tmp_path / "home" / "triton" / "logs" / f"tritonserver-{ports['http_port']}.log"
+            rotated = log.with_name(log.name + ".1")
+            assert wait_for(rotated.exists, timeout_s=120)  # the flood of accept() errors filled the log once
+            assert b"Too many open files" in rotated.read_bytes()
+        finally:
+            for connection in connections:
+                connection.close()
+        assert wait_for(lambda: answers(f"{url}/v2/models/echo/ready"), timeout_s=120)
+        assert cli.poll() is None  # the launcher survived
+        assert log.stat().st_size <= cap and rotated.stat().st_size <= cap
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
 
 
 def test_log_level_reaches_every_model_as_its_log_level_parameter():
