@@ -13,7 +13,7 @@ import urllib.error
 import pytest
 
 from flover_backend import stop_signals, supervisor
-from flover_backend.capped_log import CappedLog
+from flover_backend.capped_log import CappedLog, RepeatedLines
 from flover_backend.server_process import StartInterrupted
 from flover_backend.stop_signals import StopSignals
 from flover_backend.supervisor import probe_delay, supervise
@@ -173,3 +173,24 @@ def test_capped_log_keeps_at_most_two_files_of_its_cap_and_the_latest_lines(tmp_
     assert current.stat().st_size <= 64 << 10 and rotated.stat().st_size <= 64 << 10
     assert log.num_rotations > 60
     assert (rotated.read_bytes() + current.read_bytes()).endswith(b"".join(lines[-100:]))
+
+
+def test_repeated_lines_collapse_into_a_count_wherever_the_chunks_split():
+    flood = b"[warn] Error from accept() call: Too many open files\n"
+    data = b"started\n" + flood * 5000 + b"recovered\n" + flood * 2 + b"last, unfinished"
+    for size in (1, 7, 4096, len(data)):
+        repeats = RepeatedLines()
+        out = b"".join(repeats.feed(data[i:i + size]) for i in range(0, len(data), size)) + repeats.finish()
+        assert out == (b"started\n" + flood + b"[the line above repeated 4999 more times]\n" + b"recovered\n" + flood
+                       + b"[the line above repeated 1 more times]\n" + b"last, unfinished")
+
+
+def test_a_flood_of_one_line_leaves_the_log_small_and_its_start_in_place(tmp_path):
+    read_end, write_end = os.pipe()
+    log = CappedLog(read_end, tmp_path / "server.log", max_bytes=64 << 10).start()
+    with os.fdopen(write_end, "wb") as writer:
+        writer.write(b"server started\n" + b"[warn] Error from accept() call: Too many open files\n" * 200_000)
+    log.join(timeout_s=60)
+    text = (tmp_path / "server.log").read_bytes()
+    assert text.startswith(b"server started\n") and text.endswith(b"repeated 199999 more times]\n")
+    assert len(text) < 200 and log.num_rotations == 0 and log.num_bytes_read > 10_000_000
