@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -113,6 +114,25 @@ def test_stop_ends_server_and_stubs(tmp_path):
         assert group_members(pgid) == []
     finally:
         server.stop()  # again, if an assertion failed before it: SIGKILLs the group at the end
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of process `pid`, from /proc."""
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    return int(line.split()[3]), int(line.split()[4])
+
+
+def test_tritonserver_may_open_as_many_files_as_the_hard_limit_allows(tmp_path):
+    """Every connection holds a descriptor: the server's soft limit is raised, whatever the launcher's was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # as a login shell's default
+    try:
+        with TritonServer(write_repository(tmp_path / "repo"), log_path=tmp_path / "server.log",
+                          ready_timeout_s=120, **free_ports()) as server:
+            assert open_files_limits(server.process.pid) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_missing_repository_fails_fast_with_log(tmp_path):
