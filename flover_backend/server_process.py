@@ -17,6 +17,7 @@ from pathlib import Path
 from flover_backend.capped_log import CappedLog
 
 LOG_MAX_BYTES = 64 << 20  # per log file; with the one rotated copy at most 128 MiB per server on disk
+EXCERPT_BYTES = 4 << 20  # the end of the log that error messages quote from
 
 
 class ServerProcessError(RuntimeError):
@@ -165,17 +166,30 @@ class ServerProcess:
 
     def log_excerpt(self, num_lines: int = 20) -> str:
         """The log's error lines and its last `num_lines` lines, for error messages."""
-        lines = []
-        for path in (self.log_path.with_name(self.log_path.name + ".1"), self.log_path):  # rotated, then current
-            try:
-                lines += path.read_text(errors="replace").splitlines()
-            except FileNotFoundError:
-                pass
-        if not lines:
+        tail = _tail([self.log_path.with_name(self.log_path.name + ".1"), self.log_path], EXCERPT_BYTES)
+        if tail is None:
             return f"(no log at {self.log_path})"
+        lines = tail.decode(errors="replace").splitlines()
         errors = [line for line in lines if self.error_line.match(line)]
         return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
                           f"--- last {num_lines} lines ---", *lines[-num_lines:]])
+
+
+def _tail(paths: list[Path], max_bytes: int) -> bytes | None:
+    """The last `max_bytes` of the files `paths` joined in order (missing ones skipped); None if none exists."""
+    tail, found = b"", False
+    for path in reversed(paths):
+        try:
+            with open(path, "rb") as file:
+                found = True
+                size = file.seek(0, os.SEEK_END)
+                file.seek(max(0, size - (max_bytes - len(tail))))
+                tail = file.read() + tail
+        except FileNotFoundError:
+            continue
+        if len(tail) >= max_bytes:
+            break
+    return tail if found else None
 
 
 def open_files_hard_limit() -> int:
