@@ -18,7 +18,7 @@ from flover_backend.server_process import StartInterrupted
 from flover_backend.stop_signals import StopSignals
 from flover_backend.supervisor import probe_delay, supervise
 from flover_backend.watchdog import WatchdogGaveUp
-from tests.test_server_process import Server, group_alive
+from tests.test_server_process import HTTP_SERVER, Server, group_alive
 
 
 def signal_main_thread(sig: signal.Signals = signal.SIGTERM) -> None:
@@ -105,6 +105,22 @@ def test_a_signal_while_the_server_starts_stops_it(tmp_path, selects):
         with pytest.raises(StartInterrupted):
             server.start()
     assert server.poll() is not None and not group_alive(server.process.pid)
+
+
+def test_a_signal_while_a_server_stops_lets_the_stop_finish(tmp_path, monkeypatch):
+    """A second Ctrl-C while the server drains must not abandon the stop half way (and leak the server)."""
+    deaf = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)" + HTTP_SERVER  # waits out its SIGINT
+    server = Server(tmp_path, deaf)
+    server.stop_signals = ((signal.SIGINT, 1.0), (signal.SIGKILL, 5.0))
+    stopping = threading.Event()
+    stopped = server._stopped
+    monkeypatch.setattr(server, "_stopped", lambda: stopping.set() or stopped())
+    with StopSignals() as stop:
+        server.start()
+        stopping.clear()
+        when(stopping, signal_main_thread)
+        assert server.stop() == -signal.SIGKILL
+    assert stop.requested and not group_alive(server.process.pid)
 
 
 def test_failed_probes_are_counted_and_retried_with_backoff(monkeypatch, caplog):
