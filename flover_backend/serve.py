@@ -36,6 +36,7 @@ from flover_backend.triton_env import (
 from flover_backend.watchdog import Watchdog, WatchdogGaveUp
 
 LOG_LEVELS = ("debug", "info", "warning", "error")  # of the models' Python logging (log_level parameter)
+MIN_OPEN_FILES = 128  # tritonserver with one Python model holds ~65 descriptors before any client connects
 
 
 class TritonServerError(ServerProcessError):
@@ -162,12 +163,22 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                              "(0 turns the watchdog off)")
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="a model with requests running but no iteration for this long is reloaded")
-    parser.add_argument("--open-files", type=int,
+    parser.add_argument("--open-files", type=_at_least(int, MIN_OPEN_FILES),
                         help="tritonserver's open-file limit; every connection holds one (default: the hard "
                              "limit, `ulimit -Hn`): cap connections in front of it, see the README")
-    parser.add_argument("--log-max-mb", type=float, default=LOG_MAX_BYTES / 2**20,
+    parser.add_argument("--log-max-mb", type=_at_least(float, 0.01), default=LOG_MAX_BYTES / 2**20,
                         help="size at which tritonserver's log is rotated (one old copy is kept)")
     parser.set_defaults(run=run_serve)
+
+
+def _at_least(kind: type, low: float):
+    """An argparse type: a `kind` number no smaller than `low`."""
+    def parse(text: str):
+        value = kind(text)
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
 
 
 def run_serve(args: argparse.Namespace) -> int:

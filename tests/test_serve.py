@@ -220,3 +220,11 @@ def test_log_level_reaches_every_model_as_its_log_level_parameter():
     args = build_parser().parse_args(["serve", "--log-level", "debug", "--set", "max_num_seqs=4"])
     assert model_settings(args) == {"max_num_seqs": "4", "log_level": "debug"}
     assert model_settings(build_parser().parse_args(["serve"])) == {}  # the repository is served as it is
+
+
+@pytest.mark.parametrize(("option", "value"), [("--open-files", "0"), ("--open-files", "100"), ("--log-max-mb", "0"),
+                                               ("--log-max-mb", "nan"), ("--log-max-mb", "-1")])
+def test_limits_out_of_range_are_refused_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", option, value])
+    assert option in capsys.readouterr().err
