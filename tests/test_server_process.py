@@ -1,6 +1,7 @@
 """ServerProcess, the launcher under tritonserver's and vLLM's: ready once its URLs answer, stopped as a group."""
 
 import os
+import resource
 import signal
 import sys
 
@@ -78,3 +79,13 @@ def test_log_excerpt_quotes_the_rotated_log_then_the_current_one_and_only_their_
     assert excerpt.endswith("last line")
     monkeypatch.setattr(server_process, "EXCERPT_BYTES", 100)  # a flood's log is not read whole
     assert "before the rotation" not in server.log_excerpt() and "after it" in server.log_excerpt()
+
+
+def test_the_launcher_raises_its_own_open_file_limit_to_the_hard_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert server_process.raise_open_files_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == server_process.open_files_hard_limit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
