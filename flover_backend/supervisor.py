@@ -12,6 +12,7 @@ from flover_backend.watchdog import WatchdogGaveUp
 logger = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the main loop looks at tritonserver between signals
 MAX_BACKOFF_S = 60.0  # the longest pause between probes after failures
+CLOSE_WAIT_S = 5.0  # how long a stop waits for a probe under way
 
 
 def probe_delay(interval_s: float, failures: int, max_s: float = MAX_BACKOFF_S) -> float:
@@ -41,8 +42,10 @@ class ProbeThread:
         return self
 
     def close(self) -> None:
-        """Stop probing; a probe under way (a reload may take minutes) is left to end on its own."""
+        """Stop probing. A probe under way gets CLOSE_WAIT_S to end, so it does not take the server's own
+        unloading for broken models; one that takes longer (a reload may take minutes) is left to end alone."""
         self._closed.set()
+        self._thread.join(CLOSE_WAIT_S)
 
     def _run(self) -> None:
         watchdog = None

@@ -19,6 +19,7 @@ from flover_backend.stop_signals import StopSignals
 from flover_backend.supervisor import probe_delay, supervise
 from flover_backend.watchdog import WatchdogGaveUp
 from tests.test_server_process import HTTP_SERVER, Server, group_alive
+from tests.waiting import wait_for
 
 
 def signal_main_thread(sig: signal.Signals = signal.SIGTERM) -> None:
@@ -81,6 +82,7 @@ def test_a_signal_inside_the_servers_poll_stops_at_the_next_wait(monkeypatch):
 def test_a_signal_inside_a_probe_that_never_returns_still_stops(monkeypatch):
     """A reload can take minutes: the stop does not wait for it (the server is stopped under it)."""
     monkeypatch.setattr(supervisor, "POLL_S", 30.0)
+    monkeypatch.setattr(supervisor, "CLOSE_WAIT_S", 0.1)
     inside, release = threading.Event(), threading.Event()
 
     class StuckWatchdog:
@@ -95,6 +97,23 @@ def test_a_signal_inside_a_probe_that_never_returns_still_stops(monkeypatch):
         assert inside.is_set() and not release.is_set()  # stopped while the probe was still inside
     finally:
         release.set()
+
+
+def test_the_stop_waits_for_a_short_probe_under_way(monkeypatch):
+    """A probe still running while tritonserver unloads its models on the way out would take them for broken."""
+    monkeypatch.setattr(supervisor, "POLL_S", 30.0)
+    finished = []
+    with StopSignals() as stop:
+
+        class SlowWatchdog:
+            def check(self):
+                signal_main_thread()
+                assert wait_for(lambda: stop.requested)
+                sum(range(2_000_000))  # the rest of the probe, after the stop was requested
+                finished.append(True)
+
+        assert supervise(FakeServer(), stop, SlowWatchdog, interval_s=0.01) is None
+        assert finished == [True]
 
 
 def test_a_signal_while_the_server_starts_stops_it(tmp_path, selects):
