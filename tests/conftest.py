@@ -1,6 +1,23 @@
 """Shared fixtures: every test run writes its built-in checkpoints and server files under one temp home."""
 
+import warnings
+
 import pytest
+
+from tests.processes import kill_tree, server_children
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_servers():
+    """Kill, with all they started, the server processes a test left behind (a failed test's, say), so one
+    failure never leaves servers holding ports, cores and memory for the rest of the run."""
+    before = server_children()  # a module's server fixture is set up before this one, and kept
+    yield
+    leaked = server_children() - before
+    for pid in leaked:
+        kill_tree(pid)
+    if leaked:
+        warnings.warn(f"killed server processes the test left running: {sorted(leaked)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session", autouse=True)

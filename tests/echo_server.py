@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from flover_backend.ports import find_free_port
 from flover_backend.triton_env import PROJECT_ROOT
+from tests.processes import spawned
 
 CONFIG = """
 backend: "python"
@@ -76,15 +78,15 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-
-
-def launch_cli(tmp_path: Path, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, dict[str, int]]:
-    """`python -m flover_backend serve` on a fresh echo repository under `tmp_path`, as a user starts it,
-    with its own FLOVER_HOME; the process (its stdout a text pipe) and its ports."""
+@contextlib.contextmanager
+def launch_cli(tmp_path: Path, *options: str, stderr=subprocess.PIPE):
+    """`with launch_cli(tmp_path) as (process, ports):` `python -m flover_backend serve` on a fresh echo
+    repository under `tmp_path` with `options`, as a user starts it, with its own FLOVER_HOME; its stdout is
+    a text pipe. Killed with everything it started when the block ends, whatever happened in it."""
     ports = free_ports()
     repo = write_repository(tmp_path / "repo")
     args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
     env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
-    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args],
-                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    return cli, ports
+    command = [sys.executable, "-m", "flover_backend", "serve", f"--model-repository={repo}", *args, *options]
+    with spawned(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True) as cli:
+        yield cli, ports

@@ -105,6 +105,22 @@ def k8s() -> dict[str, dict]:
     return {doc["kind"]: doc for doc in documents}
 
 
+def flover_container(pod_spec: dict) -> dict:
+    """The pod's flover container (beside it runs the edge proxy)."""
+    (container,) = [c for c in pod_spec["containers"] if c["name"] == "flover"]
+    return container
+
+
+def edge_routes() -> dict[int, tuple[str, int]]:
+    """docker/nginx.conf's routes: listen port -> (upstream host, port); each upstream must cap its connections."""
+    text = (DOCKER / "nginx.conf").read_text()
+    upstreams = {}
+    for name, host, port, max_conns in re.findall(r"upstream (\w+) \{ server ([\w.-]+):(\d+) max_conns=(\d+); \}", text):
+        assert 0 < int(max_conns) <= 4096, f"{name}: max_conns {max_conns}"
+        upstreams[name] = (host, int(port))
+    return {int(port): upstreams[name] for port, name in re.findall(r"listen (\d+); proxy_pass (\w+);", text)}
+
+
 def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -279,7 +295,7 @@ def test_k8s_deployment(k8s):
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["replicas"] >= 2
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    (container,) = pod["spec"]["containers"]
+    container = flover_container(pod["spec"])
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == PORTS
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -300,7 +316,7 @@ def test_k8s_deployment(k8s):
 
 def test_k8s_args_volumes_and_model_path(k8s):
     pod = k8s["Deployment"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    container = flover_container(pod)
     args = check_serve_args(launcher_args("Dockerfile", container["args"]))
     assert "device=cuda" in args.set
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
@@ -316,11 +332,15 @@ def test_k8s_service_reaches_the_pods(k8s):
     service = k8s["Service"]["spec"]
     assert service["type"] == "ClusterIP"
     assert service["selector"] and service["selector"].items() <= pod["metadata"]["labels"].items()
-    (container,) = pod["spec"]["containers"]
-    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    container_ports = {port["name"]: port["containerPort"] for c in pod["spec"]["containers"] for port in c["ports"]}
+    routes = edge_routes()
     for port in service["ports"]:
-        target = container_ports.get(port["targetPort"], port["targetPort"])
-        assert port["port"] == PORTS[port["name"]] == target
+        assert port["port"] == PORTS[port["name"]]
+        target = container_ports[port["targetPort"]]
+        if port["name"] == "metrics":  # scraped straight from tritonserver
+            assert target == PORTS["metrics"]
+        else:  # through the edge proxy, which caps the connections, to the same port of flover
+            assert routes[target] == ("flover-server", PORTS[port["name"]])
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -334,7 +354,7 @@ def test_images_run_as_a_user_that_owns_only_flover_home(name):
 def test_k8s_runs_unprivileged_with_the_admin_key_from_a_secret_and_a_network_policy(k8s):
     pod = k8s["Deployment"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
-    (container,) = pod["containers"]
+    container = flover_container(pod)
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     (key,) = [item for item in container["env"] if item["name"] == "FLOVER_ADMIN_KEY"]
     assert key["valueFrom"]["secretKeyRef"]["optional"] is True
@@ -342,4 +362,26 @@ def test_k8s_runs_unprivileged_with_the_admin_key_from_a_secret_and_a_network_po
     assert policy["podSelector"]["matchLabels"].items() <= k8s["Deployment"]["spec"]["template"]["metadata"][
         "labels"].items()
     allowed = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
-    assert allowed == set(PORTS.values()) and all(rule["from"] for rule in policy["ingress"])
+    # Clients reach the edge's ports only (tritonserver's own are shut to them), Prometheus the metrics port.
+    assert allowed == set(edge_routes()) | {PORTS["metrics"]} and all(rule["from"] for rule in policy["ingress"])
+
+
+def test_the_edge_proxy_is_the_same_in_compose_and_kubernetes_and_reaches_flover(compose, k8s):
+    config = (DOCKER / "nginx.conf").read_text()
+    assert k8s["ConfigMap"]["data"]["nginx.conf"] == config
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    (edge,) = [c for c in pod["containers"] if c["name"] == "edge"]
+    (mount,) = edge["volumeMounts"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    assert mount["mountPath"] == "/etc/nginx/nginx.conf" == mounted(compose, "edge", "./nginx.conf")
+    assert {"ip": "127.0.0.1", "hostnames": ["flover-server"]} in pod["hostAliases"]
+    assert {port["containerPort"] for port in edge["ports"]} == set(edge_routes())
+    edge_service = compose["services"]["edge"]
+    assert edge_service["profiles"] == ["edge"]
+    assert sorted(compose_defaults(port) for port in edge_service["ports"]) == sorted(
+        f"127.0.0.1:{port}:{port}" for port in edge_routes()), "loopback by default"
+    for name in ("flover", "flover-cpu"):
+        service = compose["services"][name]
+        assert "flover-server" in service["networks"]["default"]["aliases"]
+        assert service["ulimits"]["nofile"] >= 4096 and service["logging"]["options"]["max-size"]

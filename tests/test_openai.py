@@ -28,6 +28,7 @@ from flover_backend.server.openai_launcher import OpenAIFront
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 from flover_backend.triton_env import PROJECT_ROOT
+from tests.processes import spawned
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
@@ -563,16 +564,17 @@ def test_flover_serve_openai_port_starts_and_stops_the_front(tmp_path):
                                           "        return []\n")
     ports = {name: find_free_port() for name in ("http-port", "grpc-port", "metrics-port", "openai-port")}
     env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
-    cli = subprocess.Popen([sys.executable, "-m", "flover_backend", "serve", f"--model-repository={tmp_path / 'repo'}",
-                            *[f"--{name}={port}" for name, port in ports.items()]],
-                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = next(line for line in cli.stdout if "openai:" in line or not line)
-        assert f"http://127.0.0.1:{ports['openai-port']}/v1" in banner
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai-port']}/v1/models", timeout=10) as reply:
-            assert [model["id"] for model in json.load(reply)["data"]] == ["idle"]
-    finally:
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=60) == 0, cli.stderr.read()
+    command = [sys.executable, "-m", "flover_backend", "serve", f"--model-repository={tmp_path / 'repo'}",
+               *[f"--{name}={port}" for name, port in ports.items()]]
+    with spawned(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True) as cli:
+        try:
+            banner = next(line for line in cli.stdout if "openai:" in line or not line)
+            assert f"http://127.0.0.1:{ports['openai-port']}/v1" in banner
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['openai-port']}/v1/models", timeout=10) as reply:
+                assert [model["id"] for model in json.load(reply)["data"]] == ["idle"]
+        finally:
+            cli.send_signal(signal.SIGTERM)
+            assert cli.wait(timeout=60) == 0, cli.stderr.read()
     with pytest.raises(OSError):  # the front is gone with it
         socket.create_connection(("127.0.0.1", ports["openai-port"]), timeout=5).close()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import queue
+import re
+import resource
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +23,7 @@ from flover_backend.cli import build_parser
 from flover_backend.server.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
 from tests.echo_server import free_ports, group_members, launch_cli, write_repository
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
 
@@ -101,11 +106,33 @@ def test_stop_ends_server_and_stubs(tmp_path):
     repo = write_repository(tmp_path / "repo")
     server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports()).start()
     pgid = server.process.pid
-    assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
-    started = time.monotonic()
-    assert server.stop() == 0  # a clean exit on SIGINT, not a kill
-    assert time.monotonic() - started < 15
-    assert group_members(pgid) == []
+    try:
+        assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
+        started = time.monotonic()
+        assert server.stop() == 0  # a clean exit on SIGINT, not a kill
+        assert time.monotonic() - started < 15
+        assert group_members(pgid) == []
+    finally:
+        server.stop()  # again, if an assertion failed before it: SIGKILLs the group at the end
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of process `pid`, from /proc."""
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    return int(line.split()[3]), int(line.split()[4])
+
+
+def test_tritonserver_may_open_as_many_files_as_the_hard_limit_allows(tmp_path):
+    """Every connection holds a descriptor: the server's soft limit is raised, whatever the launcher's was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # as a login shell's default
+    try:
+        with TritonServer(write_repository(tmp_path / "repo"), log_path=tmp_path / "server.log",
+                          ready_timeout_s=120, **free_ports()) as server:
+            assert open_files_limits(server.process.pid) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_missing_repository_fails_fast_with_log(tmp_path):
@@ -125,25 +152,79 @@ def test_broken_model_reports_its_error(tmp_path):
 
 
 def test_cli_serve_stops_on_sigterm(tmp_path):
-    cli, ports = launch_cli(tmp_path)
-    try:
-        lines = []
-        for line in cli.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        banner = "".join(lines)
-        assert f"http:    http://127.0.0.1:{ports['http_port']}" in banner
-        assert f"grpc:    127.0.0.1:{ports['grpc_port']}" in banner
-        assert "models:  echo" in banner
-    finally:
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=30) == 0, cli.stderr.read()
+    with launch_cli(tmp_path) as (cli, ports):
+        try:
+            lines = []
+            for line in cli.stdout:
+                lines.append(line)
+                if line.startswith("Ctrl-C"):
+                    break
+            banner = "".join(lines)
+            assert f"http:    http://127.0.0.1:{ports['http_port']}" in banner
+            assert f"grpc:    127.0.0.1:{ports['grpc_port']}" in banner
+            assert "models:  echo" in banner
+        finally:
+            cli.send_signal(signal.SIGTERM)
+            assert cli.wait(timeout=30) == 0, cli.stderr.read()
     log = next((tmp_path / "home" / "triton" / "logs").glob("tritonserver-*.log")).read_text()
     assert "successfully unloaded 'echo'" in log
+
+
+def lines_of(stream) -> queue.Queue:
+    """A queue the lines of `stream` arrive in, read on a thread (so waiting for one has a deadline)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    return lines
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def test_idle_connections_past_the_open_file_limit_neither_end_the_launcher_nor_fill_the_disk(tmp_path):
+    """Idle connections use up tritonserver's descriptors: it accepts nothing, answers no probe and logs every
+    failed accept(). The launcher counts the failed probes and carries on; the log stays within its cap; once
+    the connections close the server answers again. A low limit (256) makes the attack cheap."""
+    cap = 256 << 10
+    with launch_cli(tmp_path, "--open-files=256", f"--log-max-mb={cap / 2**20}", "--watchdog-interval=0.2") as (
+            cli, ports):
+        connections = []
+        try:
+            assert any(line.startswith("Ctrl-C") for line in cli.stdout)
+            errors = lines_of(cli.stderr)
+            url = f"http://127.0.0.1:{ports['http_port']}"
+            for _ in range(400):  # far more than the 256 descriptors: the last ones wait in the listen backlog
+                connections.append(socket.create_connection(("127.0.0.1", ports["http_port"]), timeout=30))
+            while "health probe failed (1 in a row)" not in errors.get(timeout=120):
+                pass
+            log = tmp_path / "home" / "triton" / "logs" / f"tritonserver-{ports['http_port']}.log"
+            assert wait_for(lambda: b"Too many open files" in log.read_bytes(), timeout_s=120)
+        finally:
+            for connection in connections:
+                connection.close()
+        assert wait_for(lambda: answers(f"{url}/v2/models/echo/ready"), timeout_s=120)
+        assert cli.poll() is None  # the launcher survived
+        # The flood's lines were counted, not written (the count comes at the latest REPORT_S after the flood).
+        assert wait_for(lambda: re.search(rb"Too many open files\n\[the line above repeated \d+ more times\]",
+                                          log.read_bytes()), timeout_s=120)
+        assert all(path.stat().st_size <= cap for path in log.parent.glob(f"{log.name}*"))
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
 
 
 def test_log_level_reaches_every_model_as_its_log_level_parameter():
     args = build_parser().parse_args(["serve", "--log-level", "debug", "--set", "max_num_seqs=4"])
     assert model_settings(args) == {"max_num_seqs": "4", "log_level": "debug"}
     assert model_settings(build_parser().parse_args(["serve"])) == {}  # the repository is served as it is
+
+
+@pytest.mark.parametrize(("option", "value"), [("--open-files", "0"), ("--open-files", "100"), ("--log-max-mb", "0"),
+                                               ("--log-max-mb", "nan"), ("--log-max-mb", "-1")])
+def test_limits_out_of_range_are_refused_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", option, value])
+    assert option in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """ServerProcess, the launcher under tritonserver's and vLLM's: ready once its URLs answer, stopped as a group."""
 
 import os
+import resource
 import signal
 import sys
 
 import pytest
 
 from flover_backend.ports import find_free_port
+from flover_backend.server import process as server_process
 from flover_backend.server.process import ServerProcess, ServerProcessError
 
 
@@ -66,3 +68,24 @@ def test_never_ready_is_stopped_after_the_timeout(tmp_path):
     with pytest.raises(ServerProcessError, match="test server not ready after 1 s"):
         server.start()
     assert server.poll() is not None and not group_alive(server.process.pid)
+
+
+def test_log_excerpt_quotes_the_rotated_log_then_the_current_one_and_only_their_end(tmp_path, monkeypatch):
+    server = Server(tmp_path, "")
+    (tmp_path / "server.log.1").write_text("error: before the rotation\n" + "filler\n" * 1000)
+    (tmp_path / "server.log").write_text("error: after it\nlast line\n")
+    excerpt = server.log_excerpt()
+    assert excerpt.index("error: before the rotation") < excerpt.index("error: after it")
+    assert excerpt.endswith("last line")
+    monkeypatch.setattr(server_process, "EXCERPT_BYTES", 100)  # a flood's log is not read whole
+    assert "before the rotation" not in server.log_excerpt() and "after it" in server.log_excerpt()
+
+
+def test_the_launcher_raises_its_own_open_file_limit_to_the_hard_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert server_process.raise_open_files_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == server_process.open_files_hard_limit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

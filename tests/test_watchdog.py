@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import types
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flover_backend.server import watchdog as watchdog_module
 from flover_backend.server.serve import TritonServer
 from flover_backend.server.watchdog import (
     StallDetector,
@@ -51,6 +53,43 @@ def test_parse_metric_sums_per_model():
     assert parse_metric(page, "flover_requests_running") == {"a": 3.0, "b": 0.0}
 
 
+class UnansweringServer:
+    """A server whose model index times out while `answering` is False (out of descriptors, say)."""
+
+    process = types.SimpleNamespace(pid=1)
+    http_url, metrics_url, admin_headers = "http://127.0.0.1:1", "http://127.0.0.1:1/metrics", {}
+    answering = True
+    restarts = 0
+
+    def poll(self):
+        return None
+
+    def model_names(self):
+        if not self.answering:
+            raise TimeoutError("timed out")
+        return ["echo"]
+
+    def restart(self):
+        self.restarts += 1
+
+
+def test_a_stub_that_died_while_the_server_did_not_answer_is_still_recovered(monkeypatch):
+    stubs = [Stub(pid=4242, model="echo", shm_region="flover-test-none")]
+    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid, include_dead=False: list(stubs))
+    monkeypatch.setattr(watchdog_module, "_kill", lambda pid: None)
+    loads = []
+    monkeypatch.setattr(Watchdog, "_load", lambda self, model: loads.append(model))
+    server = UnansweringServer()
+    watchdog = Watchdog(server)
+    assert watchdog.check() == []
+    stubs.clear()  # the stub dies while the server does not answer: that probe fails
+    server.answering = False
+    with pytest.raises(TimeoutError):
+        watchdog.check()
+    server.answering = True
+    assert watchdog.check() == ["echo"] and server.restarts == 1  # its model was still loaded: a restart
+
+
 @pytest.mark.triton
 def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_path):
     repo = write_repository(tmp_path / "repo")
@@ -89,19 +128,19 @@ def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_pat
 
 @pytest.mark.triton
 def test_launcher_killed_takes_tritonserver_and_the_next_launch_clears_its_shared_memory(tmp_path):
-    cli, _ = launch_cli(tmp_path, stderr=subprocess.DEVNULL)
-    try:
-        for line in cli.stdout:
-            if line.startswith("Ctrl-C"):
-                break
-        (server_pid,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(cli.pid)], capture_output=True,
-                                                        text=True, check=True).stdout.split()]
-        regions = list(SHM_DIR.glob(f"flover-{cli.pid}-*"))
-        assert regions
-    finally:
-        cli.kill()  # SIGKILL: the launcher gets no chance to clean up
-        cli.wait(timeout=30)
-    assert wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _is_zombie(server_pid))
+    with launch_cli(tmp_path, stderr=subprocess.DEVNULL) as (cli, _):
+        try:
+            for line in cli.stdout:
+                if line.startswith("Ctrl-C"):
+                    break
+            (server_pid,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(cli.pid)], capture_output=True,
+                                                            text=True, check=True).stdout.split()]
+            regions = list(SHM_DIR.glob(f"flover-{cli.pid}-*"))
+            assert regions
+        finally:
+            cli.kill()  # SIGKILL: the launcher gets no chance to clean up
+            cli.wait(timeout=30)
+        assert wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _is_zombie(server_pid))
     with TritonServer(write_repository(tmp_path / "repo2"), log_path=tmp_path / "server.log", ready_timeout_s=120,
                       **free_ports()):
         assert not any(region.exists() for region in regions)
@@ -120,12 +159,35 @@ class FakeServer:
     def __init__(self, loaded: list[str]):
         self.loaded, self.page, self.actions = loaded, "", []
         self.process = type("Process", (), {"pid": 1})()
+        self.exit_code: int | None = None
+
+    def poll(self) -> int | None:
+        return self.exit_code
 
     def model_names(self) -> list[str]:
         return list(self.loaded)
 
     def restart(self) -> None:
         self.actions.append("restart")
+        self.exit_code = None
+
+
+def test_a_server_that_exited_on_its_own_is_started_again_within_the_recovery_bound(monkeypatch):
+    """tritonserver aborts by itself when a stub dies holding a shared-memory lock: the watchdog starts it again
+    at once (urgent, without waiting for the interval), counted like any recovery."""
+    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid, include_dead=False: [])
+    server = FakeServer(["m"])
+    watchdog = Watchdog(server, max_restarts=2)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    assert not watchdog.urgent() and watchdog.check() == []
+    for _ in range(2):
+        server.exit_code = -6
+        assert watchdog.urgent(backing_off=True)  # even while probes fail and back off
+        assert watchdog.check() == ["m"] and server.poll() is None
+    server.exit_code = -6
+    with pytest.raises(WatchdogGaveUp, match="exited with code -6"):
+        watchdog.check()
+    assert server.actions == ["restart", "restart"]
 
 
 @pytest.mark.parametrize("loaded, action", [(["m"], "restart"), ([], "load")])
@@ -135,7 +197,7 @@ def test_a_stub_gone_with_its_model_still_loaded_restarts_the_server_else_the_mo
     unload left none, so loading the model again is enough."""
     server = FakeServer(["m"])
     stubs = [Stub(101, "m", "region")]
-    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid: list(stubs))
+    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid, include_dead=False: list(stubs))
     watchdog = Watchdog(server)
     monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
     monkeypatch.setattr(watchdog, "_reload", lambda model: server.actions.append("load"))
@@ -147,7 +209,7 @@ def test_a_stub_gone_with_its_model_still_loaded_restarts_the_server_else_the_mo
 
 def test_a_stalled_model_restarts_the_server_and_recoveries_are_bounded(monkeypatch):
     server = FakeServer(["m"])
-    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid: [])
+    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid, include_dead=False: [])
     watchdog = Watchdog(server, stall_s=0.0, max_restarts=2)
     monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
     server.page = 'flover_requests_running{model="m"} 2\nflover_iterations_total{model="m"} 7\n'
@@ -158,3 +220,17 @@ def test_a_stalled_model_restarts_the_server_and_recoveries_are_bounded(monkeypa
     watchdog.check()
     with pytest.raises(WatchdogGaveUp, match="no iteration"):
         watchdog.check()
+
+
+def test_a_stub_dead_before_the_watchdog_first_looked_is_recovered(monkeypatch):
+    """A stub killed while stopped stays a zombie (tritonserver does not reap it): the watchdog built after
+    that death must still see a dead backend, not no backend at all."""
+    zombie = Stub(pid=4242, model="m", shm_region="flover-test-none")
+    monkeypatch.setattr(watchdog_module, "find_stubs",
+                        lambda server_pid, include_dead=False: [zombie] if include_dead else [])
+    monkeypatch.setattr(watchdog_module, "_alive", lambda pid: False)
+    server = FakeServer(["m"])
+    watchdog = Watchdog(server)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
+    assert watchdog.urgent()
+    assert watchdog.check() == ["m"] and server.actions == ["restart"]

@@ -5,16 +5,27 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+from flover_backend.server.capped_log import CappedLog
+
+LOG_MAX_BYTES = 64 << 20  # per log file; with the one rotated copy at most 128 MiB per server on disk
+EXCERPT_BYTES = 4 << 20  # the end of the log that error messages quote from
 
 
 class ServerProcessError(RuntimeError):
     """The server exited, or never became ready; the message carries the end of its log."""
+
+
+class StartInterrupted(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM) while the server was starting; it has been stopped again."""
 
 
 class ServerProcess:
@@ -36,10 +47,18 @@ class ServerProcess:
     error_line = re.compile(r".*error", re.IGNORECASE)  # log lines (from their start) quoted in error messages
     cwd: Path | None = None
 
-    def __init__(self, log_path: str | Path, ready_timeout_s: float):
+    def __init__(self, log_path: str | Path, ready_timeout_s: float, *, open_files: int | None = None,
+                 log_max_bytes: int = LOG_MAX_BYTES):
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        # Every connection holds a descriptor: by default the server may open as many as the hard limit allows.
+        self.open_files = open_files or open_files_hard_limit()
+        self.log_max_bytes = log_max_bytes
         self.process: subprocess.Popen | None = None
+        self.log: CappedLog | None = None
+        # Waits between readiness polls; returns True when the start should be abandoned (the launcher's
+        # StopSignals.wait). Never a sleep a signal handler has to break out of with an exception.
+        self.interrupt: Callable[[float], bool] = _sleep
 
     def command(self) -> list[str]:
         """The server's command line."""
@@ -65,11 +84,18 @@ class ServerProcess:
         """Start the server and block until it is ready; raise `self.error` (after stopping it) if it is not."""
         command, env = self.command(), self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
+        read_end, write_end = os.pipe()
+        try:
             # Own session: a terminal's Ctrl-C reaches only us, and stop() can reach its children too.
-            self.process = subprocess.Popen(command, env=env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(command, env=env, cwd=self.cwd, stdout=write_end, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _die_with_parent
+                                            preexec_fn=_child_setup(self.open_files))  # noqa: PLW1509 - see there
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)  # the child holds it now: the copy ends when the child and its children exit
+        self.log = CappedLog(read_end, self.log_path, self.log_max_bytes).start()
         try:
             self._wait_ready()
         except BaseException:
@@ -86,7 +112,8 @@ class ServerProcess:
                 raise self.error(f"{self.name} exited with code {code} before it was ready\n{self.log_excerpt()}")
             if all(self._answers(url) for url in self.ready_urls()):
                 return
-            time.sleep(self.poll_interval_s)
+            if self.interrupt(self.poll_interval_s):
+                raise StartInterrupted(f"stop requested while {self.name} was starting")
         raise self.error(f"{self.name} not ready after {self.ready_timeout_s:.0f} s\n{self.log_excerpt()}")
 
     def _answers(self, url: str) -> bool:
@@ -121,7 +148,9 @@ class ServerProcess:
                 time.sleep(0.05)
         # A child that outlived its server would hold its memory, ports or devices.
         _signal_group(self.process.pid, signal.SIGKILL)
-        return self.process.wait()
+        code = self.process.wait()
+        self.log.join(timeout_s=5.0)  # the log's last lines; a grandchild in another group may hold the pipe
+        return code
 
     def kill(self, timeout_s: float = 10.0) -> None:
         """SIGKILL the server's whole process group at once (no drain) and wait until it is gone."""
@@ -149,26 +178,70 @@ class ServerProcess:
 
     def log_excerpt(self, num_lines: int = 20) -> str:
         """The log's error lines and its last `num_lines` lines, for error messages."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
+        tail = _tail([self.log_path.with_name(self.log_path.name + ".1"), self.log_path], EXCERPT_BYTES)
+        if tail is None:
             return f"(no log at {self.log_path})"
+        lines = tail.decode(errors="replace").splitlines()
         errors = [line for line in lines if self.error_line.match(line)]
         return "\n".join([f"--- errors in {self.log_path} ---", *errors[-num_lines:],
                           f"--- last {num_lines} lines ---", *lines[-num_lines:]])
+
+
+def _tail(paths: list[Path], max_bytes: int) -> bytes | None:
+    """The last `max_bytes` of the files `paths` joined in order (missing ones skipped); None if none exists."""
+    tail, found = b"", False
+    for path in reversed(paths):
+        try:
+            with open(path, "rb") as file:
+                found = True
+                size = file.seek(0, os.SEEK_END)
+                file.seek(max(0, size - (max_bytes - len(tail))))
+                tail = file.read() + tail
+        except FileNotFoundError:
+            continue
+        if len(tail) >= max_bytes:
+            break
+    return tail if found else None
+
+
+def open_files_hard_limit() -> int:
+    """The most file descriptors a process may raise its own limit to (RLIMIT_NOFILE's hard limit)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:  # the kernel still caps it at fs.nr_open
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    return hard
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's descriptor limit to the hard limit; the new limit."""
+    limit = open_files_hard_limit()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return limit
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
 
 
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it (no locks taken)
 
 
-def _die_with_parent() -> None:
-    """In the forked child: have the kernel SIGKILL the server if its launcher dies, however it dies.
+def _child_setup(open_files: int) -> Callable[[], None]:
+    """What the forked child runs before exec: its descriptor limit, and death with its launcher.
 
-    The kernel sends it when the thread that started the server exits: start servers from a thread that
-    lives as long as they should (the main thread, in the launcher and the tests).
+    The kernel sends PDEATHSIG when the thread that started the server exits: start servers from a thread
+    that lives as long as they should (the main thread, in the launcher and the tests).
     """
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limits = (min(open_files, hard) if hard != resource.RLIM_INFINITY else open_files, hard)
+
+    def setup() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return setup
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -10,13 +11,20 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 from flover_backend.server.openai_launcher import OpenAIFrontError, openai_front
-from flover_backend.server.process import ServerProcess, ServerProcessError
+from flover_backend.server.process import (
+    LOG_MAX_BYTES,
+    ServerProcess,
+    ServerProcessError,
+    StartInterrupted,
+    raise_open_files_limit,
+)
 from flover_backend.server.repository import derive_repository
+from flover_backend.server.stop_signals import StopSignals
+from flover_backend.server.supervisor import supervise
 from flover_backend.server.watchdog import Watchdog, WatchdogGaveUp
 from flover_backend.triton_env import (
     ADMIN_KEY_HEADER,
@@ -29,6 +37,7 @@ from flover_backend.triton_env import (
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")  # of the models' Python logging (log_level parameter)
+MIN_OPEN_FILES = 128  # tritonserver with one Python model holds ~65 descriptors before any client connects
 
 
 class TritonServerError(ServerProcessError):
@@ -45,8 +54,10 @@ class TritonServer(ServerProcess):
     def __init__(self, model_repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_path: str | Path | None = None,
                  log_verbose: int = 0, extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0,
-                 stop_timeout_s: float = 40.0, admin_key: str | None = None):
-        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s)
+                 stop_timeout_s: float = 40.0, admin_key: str | None = None, open_files: int | None = None,
+                 log_max_bytes: int = LOG_MAX_BYTES):
+        super().__init__(log_path or work_dir() / "logs" / f"tritonserver-{http_port}.log", ready_timeout_s,
+                         open_files=open_files, log_max_bytes=log_max_bytes)
         self.model_repository = Path(model_repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.extra_args = (f"--log-verbose={log_verbose}", *extra_args)
@@ -57,6 +68,7 @@ class TritonServer(ServerProcess):
         self.admin_key = admin_key or secrets.token_urlsafe(24)
         # Names this server's shared memory, so stop() (or, if this process is killed, the next launch) removes it.
         self.shm_prefix = f"flover-{os.getpid()}-{secrets.token_hex(4)}-"
+        self._lifecycle = threading.Lock()  # held by a restart, so the supervisor's poll skips it
         # Clients cannot connect to a wildcard address; they reach a server bound to one over loopback.
         self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -115,13 +127,24 @@ class TritonServer(ServerProcess):
 
         Killing is what ends the requests a dead Python stub left in flight: tritonserver 2.51 never
         finishes them (the stub held their response senders), not even when the model is unloaded, so
-        only closing their connections gives their clients an error instead of silence.
+        only closing their connections gives their clients an error instead of silence. Runs on the
+        watchdog's thread; `poll` says nothing of the killed process meanwhile.
         """
-        self.kill()
-        self._remove_shm()
-        if self.log_path.exists():  # keep the log of the run that failed
-            self.log_path.replace(self.log_path.with_name(self.log_path.name + ".previous"))
-        return self.start()
+        with self._lifecycle:
+            self.kill()
+            self._remove_shm()
+            if self.log_path.exists():  # keep the log of the run that failed
+                self.log_path.replace(self.log_path.with_name(self.log_path.name + ".previous"))
+            return self.start()
+
+    def poll(self) -> int | None:
+        """The exit code once tritonserver has exited on its own; None while it runs or is being restarted."""
+        if not self._lifecycle.acquire(blocking=False):
+            return None  # the watchdog's thread is restarting it: the old process's exit is no news
+        try:
+            return super().poll()
+        finally:
+            self._lifecycle.release()
 
     def _remove_shm(self) -> None:
         for segment in SHM_DIR.glob(f"{self.shm_prefix}*"):
@@ -169,40 +192,74 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                              "(0 turns the watchdog off)")
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="a model with requests running but no iteration for this long is reloaded")
+    parser.add_argument("--open-files", type=_at_least(int, MIN_OPEN_FILES),
+                        help="tritonserver's open-file limit; every connection holds one (default: the hard "
+                             "limit, `ulimit -Hn`): cap connections in front of it, see the README")
+    parser.add_argument("--log-max-mb", type=_at_least(float, 0.01), default=LOG_MAX_BYTES / 2**20,
+                        help="size at which tritonserver's log is rotated (one old copy is kept)")
     parser.set_defaults(run=run_serve)
+
+
+def _at_least(kind: type, low: float):
+    """An argparse type: a `kind` number no smaller than `low`."""
+    def parse(text: str):
+        value = kind(text)
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted; return 0 on a requested stop, else tritonserver's exit code."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly under `kill` and docker stop
+    raise_open_files_limit()
+    with StopSignals() as stop:  # from here on Ctrl-C and SIGTERM (`kill`, docker stop) only set a flag
+        return _serve(args, stop)
+
+
+def _serve(args: argparse.Namespace, stop: StopSignals) -> int:
     repository = args.model_repository
     settings = model_settings(args)
     if args.models or settings:
         repository = derive_repository(work_dir() / f"repository-{args.http_port}", args.models, settings,
                                        source=args.model_repository)
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key)
+                          metrics_port=args.metrics_port, log_verbose=args.log_verbose, admin_key=args.admin_key,
+                          open_files=args.open_files, log_max_bytes=int(args.log_max_mb * 2**20))
+    front_process = openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key)
+    for process in (server, front_process):
+        if isinstance(process, ServerProcess):
+            process.interrupt = stop.wait  # a stop requested while it starts ends the start
     try:
-        with server, openai_front(args.openai_port, args.host, server.grpc_url, server.admin_key) as front:
+        with server, front_process as front:
             print(f"tritonserver ready (log: {server.log_path})\n"
                   f"  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n  metrics: {server.metrics_url}\n"
-                  f"  models:  {', '.join(server.model_names()) or '(none)'}\n"
+                  f"  models:  {_model_list(server)}\n"
                   f"  admin:   {'key from --admin-key' if args.admin_key else 'closed (no --admin-key given)'}\n"
                   "Ctrl-C to stop.", flush=True)
             if front:
                 print(f"  openai:  {front.url}/v1 (log: {front.log_path})", flush=True)
-            code = supervise(server, args.watchdog_interval, args.stall_timeout, _stop_on_signals())
+            make_watchdog = (lambda: Watchdog(server, stall_s=args.stall_timeout)) if args.watchdog_interval > 0 else None
+            code = supervise(server, stop, make_watchdog, args.watchdog_interval)
             if code is None:
                 print("stopped.", file=sys.stderr)
                 return 0
             print(f"tritonserver exited on its own with code {code}\n{server.log_excerpt()}", file=sys.stderr)
             return max(code, 1)
-    except KeyboardInterrupt:  # while starting
+    except StartInterrupted:
         print("stopped.", file=sys.stderr)
         return 0
     except (TritonServerError, WatchdogGaveUp, OpenAIFrontError) as error:
         print(error, file=sys.stderr)
         return 1
+
+
+def _model_list(server: TritonServer) -> str:
+    """The banner's model names; the probe can fail (a flood of connections) without stopping the launch."""
+    try:
+        return ", ".join(server.model_names()) or "(none)"
+    except (OSError, ValueError, http.client.HTTPException) as error:  # the watchdog keeps probing
+        return f"(unknown: {type(error).__name__}: {error})"
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -211,38 +268,3 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
     if args.log_level:
         settings["log_level"] = args.log_level
     return settings
-
-
-def supervise(server: TritonServer, interval_s: float, stall_s: float, stop: threading.Event) -> int | None:
-    """Until `stop` is set (None) or tritonserver exits (its code), recovering broken models every interval_s.
-
-    Raises WatchdogGaveUp when a model cannot be kept serving (the caller stops the server and exits 1).
-    """
-    watchdog = Watchdog(server, stall_s=stall_s) if interval_s > 0 else None
-    next_check = time.monotonic() + interval_s
-    while not stop.wait(timeout=1.0):
-        code = server.poll()
-        if code is not None:
-            return code
-        # A dead stub is looked for every second (cheap), so its requests in flight end within seconds.
-        if watchdog is not None and (time.monotonic() >= next_check or watchdog.backend_died()):
-            watchdog.check()
-            next_check = time.monotonic() + interval_s
-    return None
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event that Ctrl-C and SIGTERM set, instead of raising KeyboardInterrupt wherever the main thread is.
-
-    An exception raised at an arbitrary point can land inside Popen's wait bookkeeping and leave its lock
-    held, after which the child's exit is never seen: the stop then waits out every timeout.
-    """
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    return stop
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """Turn SIGTERM into the same orderly shutdown as Ctrl-C."""
-    raise KeyboardInterrupt

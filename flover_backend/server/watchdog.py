@@ -41,8 +41,9 @@ class Stub:
     shm_region: str
 
 
-def find_stubs(server_pid: int) -> list[Stub]:
-    """The live (not zombie) Python-backend stub processes tritonserver `server_pid` has started."""
+def find_stubs(server_pid: int, include_dead: bool = False) -> list[Stub]:
+    """The Python-backend stub processes tritonserver `server_pid` has started: the live ones, and with
+    `include_dead` the zombies too (dead, not yet reaped)."""
     stubs = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -53,7 +54,7 @@ def find_stubs(server_pid: int) -> list[Stub]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue  # exited while we looked
         # argv: stub, <repository>/<model>/<version>/model.py, shm region name, ...
-        if ppid != server_pid or state == "Z" or len(argv) < 3 or not argv[0].endswith(STUB.encode()):
+        if ppid != server_pid or (state == "Z" and not include_dead) or len(argv) < 3 or not argv[0].endswith(STUB.encode()):
             continue
         stubs.append(Stub(int(entry.name), Path(os.fsdecode(argv[1])).parents[1].name, os.fsdecode(argv[2])))
     return stubs
@@ -113,16 +114,27 @@ class Watchdog:
         self.max_restarts, self.restart_window_s, self.load_timeout_s = max_restarts, restart_window_s, load_timeout_s
         self.stalls = StallDetector(stall_s)
         self.restarts: deque[float] = deque()
-        self._stubs = {stub.pid: stub for stub in find_stubs(server.process.pid)}
+        # Zombies too: a stub that died before the watchdog first looked (tritonserver does not reap one that
+        # was stopped when killed) is a dead backend to recover, not nothing.
+        self._stubs = {stub.pid: stub for stub in find_stubs(server.process.pid, include_dead=True)}
         self._dead_stubs: list[Stub] = []
 
     def backend_died(self) -> bool:
         """Whether a stub the last check saw has exited since: a few /proc reads, cheap enough to ask every second."""
         return not all(_alive(pid) for pid in self._stubs)
 
+    def urgent(self, backing_off: bool = False) -> bool:
+        """Whether to check before the next interval: tritonserver exited, or (unless probes are failing and
+        backing off) a stub died."""
+        return self.server.poll() is not None or (not backing_off and self.backend_died())
+
     def check(self) -> list[str]:
         """Find the broken models and recover them; the ones recovered. Raises WatchdogGaveUp past the limit."""
-        broken = self._broken_models()
+        code = self.server.poll()
+        # tritonserver can abort on its own when a stub dies holding a shared-memory lock (boost lock_exception):
+        # its models' requests are gone with it, so it is started again, counted like any other recovery.
+        broken = ({model: Fault(f"tritonserver exited with code {code}", restart=True) for model in self.models}
+                  if code is not None else self._broken_models())
         if not broken:
             return []
         self._count_recovery(broken)
@@ -144,10 +156,12 @@ class Watchdog:
     def _broken_models(self) -> dict[str, Fault]:
         """Each unhealthy model and why."""
         now = time.monotonic()
+        # The server first: when it does not answer (the caller counts a failed probe and tries again), the
+        # stubs seen dead must still be known as dead at the next check.
+        ready = set(self.server.model_names())
         live = {stub.pid: stub for stub in find_stubs(self.server.process.pid)}
         self._dead_stubs = [stub for pid, stub in self._stubs.items() if pid not in live]
         self._stubs = live
-        ready = set(self.server.model_names())
         broken = {stub.model: Fault(f"its backend process {stub.pid} died", restart=True)
                   for stub in self._dead_stubs if stub.model in ready}  # a clean unload also ends the stub
         for model in self.models:
