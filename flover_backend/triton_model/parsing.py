@@ -13,28 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from flover_backend.admission import AdmissionLimits, check_admission
 from flover_backend.errors import InvalidRequestError
-from flover_backend.sampling_params import (
-    MAX_STOP_STRING_CHARS,
-    MAX_STOP_STRINGS,
-    MAX_STOP_TOKEN_IDS,
-    SamplingParams,
-)
-from flover_backend.triton_model.schema import JSON_INPUT, SAMPLING_INPUTS, TensorSpec
+from flover_backend.param_table import BY_NAME, PARAMS
+from flover_backend.sampling_params import SamplingParams
+from flover_backend.triton_model.schema import JSON_INPUT, RESPONSE_FLAGS, SAMPLING_INPUTS, TensorSpec
 
 MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field needs
-# Bytes a stop string may take in UTF-8: each character is at most 4.
-MAX_LIST_LENGTHS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
-MAX_STRING_BYTES = {"stop": 4 * MAX_STOP_STRING_CHARS, JSON_INPUT.name: MAX_JSON_BYTES}
-JSON_ONLY_SCALARS = {"logprobs": int}  # SamplingParams fields that sampling_parameters alone sets (see schema)
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """The bounds that depend on the served engine's settings."""
-
-    max_prompt_bytes: int
-    max_prompt_tokens: int
+# Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): the JSON's scalars convert.
+JSON_SCALARS = {p.name: p.kind for p in PARAMS if not p.is_list}
 
 
 @dataclass
@@ -48,19 +35,21 @@ class ParsedRequest:
     exclude_input_in_output: bool
     return_logprobs: bool = False  # send the `logprobs` output
     return_cumulative_logprob: bool = False  # send the `cumulative_logprob` output
+    # vllm_backend's flags: None (absent) sends finish_reason and the total counts on the final response only.
+    return_finish_reason: bool | None = None
+    return_num_input_tokens: bool | None = None
+    return_num_output_tokens: bool | None = None
 
 
-def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> ParsedRequest:
+def parse_request(inputs: dict[str, np.ndarray], limits: AdmissionLimits) -> ParsedRequest:
     """Validate the named input arrays of one request (as `as_numpy()` gives them)."""
     prompt = None
     if "text_input" in inputs:
-        prompt = _text(inputs, "text_input", limits.max_prompt_bytes)
+        prompt = _text(inputs, "text_input", limits.prompt_byte_limit)
     token_ids = None
     if "input_ids" in inputs:
         ids = _flat(inputs, "input_ids")
-        if ids.size >= limits.max_prompt_tokens:
-            raise InvalidRequestError("input_ids", f"{ids.size} tokens leave no room in max_model_len "
-                                                   f"{limits.max_prompt_tokens}")
+        check_admission(limits, num_prompt_tokens=ids.size, prompt_field="input_ids")
         token_ids = [int(t) for t in ids]
     values: dict[str, Any] = {}
     if JSON_INPUT.name in inputs:
@@ -68,16 +57,19 @@ def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> Parse
     for spec in SAMPLING_INPUTS:
         if spec.name in inputs:
             values[spec.name] = _list(inputs, spec) if spec.is_list else _scalar(inputs, spec.name, spec.python_type)
-    stream, exclude, return_logprobs, return_cumulative = (
-        _scalar(inputs, name, bool) if name in inputs else default
-        for name, default in (("stream", True), ("exclude_input_in_output", False), ("return_logprobs", False),
-                              ("return_cumulative_logprob", False)))
+    flags = {name: _scalar(inputs, name, bool) for name in RESPONSE_FLAGS if name in inputs}
     # vLLM's `logprobs` in sampling_parameters asks for them too; either flag alone computes the chosen tokens'.
-    return_logprobs = return_logprobs or values.get("logprobs") is not None
-    if (return_logprobs or return_cumulative) and values.get("logprobs") is None:
+    flags["return_logprobs"] = flags.get("return_logprobs", False) or values.get("logprobs") is not None
+    flags.setdefault("return_cumulative_logprob", False)
+    if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and values.get("logprobs") is None:
         values["logprobs"] = 0
-    return ParsedRequest(prompt, token_ids, SamplingParams.from_dict(values), stream, exclude, return_logprobs,
-                         return_cumulative)
+    # As vllm_backend: no `stream` input means one response; the whole text then starts with the prompt.
+    flags.setdefault("stream", False)
+    flags.setdefault("exclude_input_in_output", False)
+    params = SamplingParams.from_dict(values)
+    if token_ids is not None:  # a text prompt's tokens are counted by the engine, which tokenizes it
+        check_admission(limits, num_prompt_tokens=len(token_ids), max_tokens=params.max_tokens, prompt_field="input_ids")
+    return ParsedRequest(prompt, token_ids, params, **flags)
 
 
 def _flat(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -93,11 +85,11 @@ def _text(inputs: dict[str, np.ndarray], name: str, max_bytes: int) -> str:
 
 def _list(inputs: dict[str, np.ndarray], spec: TensorSpec) -> list:
     values = _flat(inputs, spec.name)
-    limit = MAX_LIST_LENGTHS[spec.name]
-    if values.size > limit:
-        raise InvalidRequestError(spec.name, f"at most {limit} values, got {values.size}")
-    if spec.python_type is str:
-        return [_decode(value, spec.name, MAX_STRING_BYTES[spec.name]) for value in values]
+    param = BY_NAME[spec.name]
+    if values.size > param.max_items:
+        raise InvalidRequestError(spec.name, f"at most {param.max_items} values, got {values.size}")
+    if spec.python_type is str:  # bytes bounded before decoding: each character is at most 4 in UTF-8
+        return [_decode(value, spec.name, 4 * param.max_chars) for value in values]
     return [int(value) for value in values]
 
 
@@ -139,9 +131,8 @@ def _sampling_json(text: str) -> dict[str, Any]:
         raise InvalidRequestError(JSON_INPUT.name, "is nested too deeply") from None
     if not isinstance(values, dict):
         raise InvalidRequestError(JSON_INPUT.name, "must be a JSON object")
-    # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): accept those too.
-    scalars = {spec.name: spec.python_type for spec in SAMPLING_INPUTS if not spec.is_list} | JSON_ONLY_SCALARS
-    return {key: _from_string(key, scalars[key], value) if isinstance(value, str) and key in scalars else value
+    return {key: _from_string(key, JSON_SCALARS[key], value)
+            if isinstance(value, str) and JSON_SCALARS.get(key, str) is not str else value
             for key, value in values.items()}
 
 
