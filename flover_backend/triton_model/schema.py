@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from flover_backend.param_table import PARAMS
 
-# Which Python type each Triton data type arrives as, once taken out of its NumPy array.
+# Which Python type each Triton data type arrives as, once taken out of its NumPy array, and its NumPy dtype.
 PYTHON_TYPES = {"TYPE_STRING": str, "TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
+NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32,
+               "TYPE_BOOL": np.bool_}
 
 
 @dataclass(frozen=True)
