@@ -120,6 +120,39 @@ def test_completion_equals_in_process_engine(client, engine, stream):
         num_prompt, num_output, num_prompt + num_output) == (num_prompt, 24, num_prompt + 24)
 
 
+def test_fields_clients_send_by_default_are_accepted(client, engine):
+    """store, metadata, service_tier, user, response_format text, suffix "": accepted, the answer unchanged."""
+    text, _, _ = greedy(engine, PROMPT, max_tokens=8)
+    common = {"model": "flover", "max_tokens": 8, "temperature": 0, "user": "u-1", "store": False,
+              "metadata": {"run": "ci"}, "service_tier": "auto", "extra_body": {"ignore_eos": True}}
+    completion = client.completions.create(prompt=PROMPT, suffix="", **common)
+    assert completion.choices[0].text == text
+    chat = client.chat.completions.create(messages=MESSAGES, response_format={"type": "text"}, **common)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(messages=MESSAGES, response_format={"type": "json_object"}, **common)
+    assert refused.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=PROMPT, suffix="after", **common)
+    assert refused.value.param == "suffix"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(client, engine, chat):
+    _, num_prompt, _ = greedy(engine, PROMPT, max_tokens=12)
+    args = {"model": "flover", "max_tokens": 12, "temperature": 0, "stream": True, "extra_body": {"ignore_eos": True},
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = list(client.chat.completions.create(messages=MESSAGES, **args) if chat
+                  else client.completions.create(prompt=PROMPT, **args))
+    assert all(c.usage is not None for c in chunks)
+    completion_tokens = [c.usage.completion_tokens for c in chunks]
+    assert completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 12
+    assert completion_tokens[-2] == 12 and len(set(completion_tokens)) > 2  # it grows chunk by chunk
+    if not chat:
+        assert {c.usage.prompt_tokens for c in chunks} == {num_prompt}
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_token_id_prompt_and_echo(client, engine):
     ids = engine.tokenizer.encode(PROMPT).ids
     text, _, _ = greedy(engine, prompt_token_ids=ids, max_tokens=8)
