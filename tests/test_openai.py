@@ -123,11 +123,13 @@ def test_completion_equals_in_process_engine(client, engine, stream):
 def test_fields_clients_send_by_default_are_accepted(client, engine):
     """store, metadata, service_tier, user, response_format text, suffix "": accepted, the answer unchanged."""
     text, _, _ = greedy(engine, PROMPT, max_tokens=8)
-    common = {"model": "flover", "max_tokens": 8, "temperature": 0, "user": "u-1", "store": False,
-              "metadata": {"run": "ci"}, "service_tier": "auto", "extra_body": {"ignore_eos": True}}
-    completion = client.completions.create(prompt=PROMPT, suffix="", **common)
+    common = {"model": "flover", "max_tokens": 8, "temperature": 0, "user": "u-1"}
+    defaults = {"store": False, "metadata": {"run": "ci"}, "service_tier": "auto"}  # chat's own arguments
+    completion = client.completions.create(prompt=PROMPT, suffix="", extra_body={"ignore_eos": True} | defaults,
+                                           **common)
     assert completion.choices[0].text == text
-    chat = client.chat.completions.create(messages=MESSAGES, response_format={"type": "text"}, **common)
+    common |= {"extra_body": {"ignore_eos": True}}
+    chat = client.chat.completions.create(messages=MESSAGES, response_format={"type": "text"}, **defaults, **common)
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(messages=MESSAGES, response_format={"type": "json_object"}, **common)
