@@ -62,10 +62,9 @@ def perf_analyzer_env() -> dict[str, str]:
 
 
 def write_input_data(path: str | Path, requests: list[dict[str, list]]) -> Path:
-    """Write perf_analyzer's --input-data JSON: one {input name: values} dict per request, streamed unless it
-    says otherwise (a flover model, as vllm_backend's, answers a request without `stream` in one response)."""
+    """Write perf_analyzer's --input-data JSON: one {input name: values} dict per request."""
     path = Path(path)
-    path.write_text(json.dumps({"data": [{"stream": [True]} | request for request in requests]}))
+    path.write_text(json.dumps({"data": requests}))
     return path
 
 

@@ -101,8 +101,8 @@ def run_through(tokenizer, token_ids: list[int], **params) -> tuple[str, Request
 
 def test_skip_special_tokens_false_shows_them(tokenizer):
     """vLLM's skip_special_tokens: eos (a special token of the built-in tokenizer) shows in the text only if false."""
-    plain = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731 - no bos
-    ids = plain("ab") + [EOS_TOKEN_ID] + plain("c")
+    ids = [*tokenizer.encode("ab", add_special_tokens=False).ids, EOS_TOKEN_ID,
+           *tokenizer.encode("c", add_special_tokens=False).ids]  # no bos
     eos = tokenizer.decode([EOS_TOKEN_ID], skip_special_tokens=False)
     assert eos and tokenizer.decode([EOS_TOKEN_ID]) == ""
     assert run_through(tokenizer, ids, ignore_eos=True) == ("abc", RequestStatus.FINISHED_LENGTH)

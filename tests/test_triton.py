@@ -463,7 +463,7 @@ def test_finished_requests_are_logged_without_their_prompts(server):
 
 def test_perf_analyzer_streams_against_flover(server, tmp_path):
     data = write_input_data(tmp_path / "input.json",
-                            [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True]}])
+                            [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True], "stream": [True]}])
     command = perf_analyzer_command("flover", server.grpc_url, 4, data, 5000, request_count=16)
     done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=120,
                           check=False)
@@ -475,7 +475,7 @@ def test_perf_analyzer_streams_against_flover(server, tmp_path):
 def test_dropped_http_connection_cancels_generation(server):
     model, max_tokens = "flover_long", 1000
     before = metric(server, "flover_generated_tokens_total", model)
-    body = json.dumps({"text_input": "drop me", "max_tokens": max_tokens, "ignore_eos": True}).encode()
+    body = json.dumps({"text_input": "drop me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
         sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
