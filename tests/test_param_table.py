@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from flover_backend.admission import AdmissionLimits, check_admission
 from flover_backend.errors import InvalidRequestError
-from flover_backend.offline import add_sampling_arguments
 from flover_backend.openai_front.errors import TRITON_FIELDS
 from flover_backend.openai_front.protocol import ChatCompletionRequest, CompletionRequest
+from flover_backend.param_flags import add_sampling_arguments, sampling_values
 from flover_backend.param_table import ENGINE_DEFAULT, PARAMS
 from flover_backend.sampling_params import SamplingParams
 from flover_backend.triton_env import PROJECT_ROOT
@@ -115,7 +115,7 @@ def test_cli_flags_are_the_rows_marked_cli():
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
     args = parser.parse_args(["--temperature", "0.5", "--stop", "a", "--stop", "b", "--ignore-eos"])
-    given = {p.name: getattr(args, p.name) for p in PARAMS if p.cli and getattr(args, p.name) is not None}
+    given = sampling_values(args)
     assert given == {"temperature": 0.5, "stop": ["a", "b"], "ignore_eos": True}
     assert {a.dest for a in parser._actions} - {"help"} == {p.name for p in PARAMS if p.cli}
 
@@ -131,7 +131,7 @@ table.PARAMS = (*table.PARAMS, new)
 table.BY_NAME[new.name] = new
 from flover_backend.admission import AdmissionLimits
 from flover_backend.errors import InvalidRequestError
-from flover_backend.offline import add_sampling_arguments
+from flover_backend.param_flags import add_sampling_arguments
 from flover_backend.openai_front.errors import TRITON_FIELDS
 from flover_backend.openai_front.protocol import CompletionRequest
 from flover_backend.sampling_params import SamplingParams
