@@ -173,3 +173,19 @@ def test_derive_repository_overrides_parameters_and_counts(tmp_path):
     assert 'key: "new" value: { string_value: "1" }' in set_parameter("", "new", "1")
     with pytest.raises(FileNotFoundError):
         derive_repository(tmp_path / "other", models=["missing"])
+
+
+def test_request_parameters_carry_the_settings_when_no_sampling_parameters_input():
+    """vllm_backend's other way: the request's own parameters (numbers as strings too); Triton's keys skipped."""
+    parameters = json.dumps({"max_tokens": "5", "temperature": 0.5, "ignore_eos": True,
+                             "triton_enable_empty_final_response": True, "priority": 0})
+    parsed = parsing.parse_request({"text_input": text("hi")}, LIMITS, parameters)
+    assert (parsed.params.max_tokens, parsed.params.temperature, parsed.params.ignore_eos) == (5, 0.5, True)
+    both = parsing.parse_request({"text_input": text("hi"), "sampling_parameters": text('{"max_tokens": 3}')},
+                                 LIMITS, parameters)
+    assert both.params.max_tokens == 3 and both.params.temperature == 0.0  # the input wins, whole
+    with pytest.raises(InvalidRequestError, match="min_p"):
+        parsing.parse_request({"text_input": text("hi")}, LIMITS, '{"min_p": 0.1}')
+    with pytest.raises(InvalidRequestError) as refused:
+        parsing.parse_request({"text_input": text("hi")}, LIMITS, "x" * (parsing.MAX_JSON_BYTES + 1))
+    assert refused.value.field == "parameters"

@@ -325,6 +325,29 @@ def test_vllm_sampling_parameters_are_honoured_and_the_rest_refused_by_name(serv
             generate_http(server.http_url, "flover", text_input=PROMPT, sampling_parameters=json.dumps(refused))
 
 
+def test_request_parameters_set_the_sampling_as_vllm_backend_takes_them(server, reference):
+    """A vllm_backend client's `parameters=` (numbers as strings), beside Triton's own empty-final flag."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("flover", grpc_inputs({"text_input": PROMPT, "stream": True,
+                                                     "exclude_input_in_output": True}),
+                              parameters={"max_tokens": "5", "ignore_eos": True}, enable_empty_final_response=True)
+    token_ids = []
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            if result.as_numpy("output_ids") is not None:
+                token_ids += result.as_numpy("output_ids").tolist()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert token_ids == reference[0][:5]
+
+
 def test_wrong_dtype_and_shape_rejected_naming_the_input(server):
     inputs = grpc_inputs({"text_input": "x"})
     wrong_dtype = grpcclient.InferInput("max_tokens", [1], "FP32")

@@ -115,8 +115,7 @@ class TritonBackend:
             config = await self._call(self._client.get_model_config(name, as_json=True, client_timeout=10.0))
             config = config.get("config", {})
             settings = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-            inputs = {tensor["name"]: (triton_to_np_dtype(tensor["data_type"].removeprefix("TYPE_")
-                                                          .replace("STRING", "BYTES")), [int(d) for d in tensor.get("dims", [])] == [-1])
+            inputs = {tensor["name"]: (_numpy_dtype(tensor["data_type"]), [int(d) for d in tensor["dims"]] == [-1])
                       for tensor in config.get("input", [])}
             self._models[name] = ModelInfo(name, settings, inputs)
         return self._models[name]
@@ -179,6 +178,11 @@ def _delta(result) -> Delta:
     if reason is not None or (final is not None and final.bool_param):
         delta.finish_reason = reason[0].decode() if reason is not None else "stop"
     return delta
+
+
+def _numpy_dtype(data_type: str) -> type:
+    """The NumPy dtype of a model config's data type ("TYPE_INT32"; "TYPE_STRING" is BYTES on the wire)."""
+    return triton_to_np_dtype(data_type.removeprefix("TYPE_").replace("STRING", "BYTES"))
 
 
 def _grpc_error(exc: Exception) -> APIError:

@@ -97,7 +97,7 @@ class TritonPythonModel:
                 self._refuse(request, sender, exc)
 
     def _admit(self, request, sender) -> None:
-        parsed = parse_request(_inputs(request), self.limits)
+        parsed = parse_request(_inputs(request), self.limits, request.parameters())
         stream = _Stream(f"{self._id_prefix}{next(self._ids)}", sender, parsed)
         self._streams[stream.req_id] = stream  # before the engine can answer, so cancellation is watched
         try:

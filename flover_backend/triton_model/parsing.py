@@ -22,6 +22,9 @@ from flover_backend.triton_model.schema import JSON_INPUT, RESPONSE_FLAGS, SAMPL
 MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field needs
 # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): the JSON's scalars convert.
 JSON_SCALARS = {p.name: p.kind for p in PARAMS if not p.is_list}
+# Request parameters that are Triton's own (its parameters extension reserves them, and every "triton_*" key,
+# e.g. the gRPC client's triton_enable_empty_final_response): never sampling settings.
+TRITON_RESERVED = {"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers"}
 
 
 @dataclass
@@ -41,8 +44,9 @@ class ParsedRequest:
     return_num_output_tokens: bool | None = None
 
 
-def parse_request(inputs: dict[str, np.ndarray], limits: AdmissionLimits) -> ParsedRequest:
-    """Validate the named input arrays of one request (as `as_numpy()` gives them)."""
+def parse_request(inputs: dict[str, np.ndarray], limits: AdmissionLimits, parameters: str = "") -> ParsedRequest:
+    """Validate the named input arrays of one request (as `as_numpy()` gives them), and its Triton request
+    `parameters` (JSON): without a `sampling_parameters` input, vllm_backend takes the settings from there."""
     prompt = None
     if "text_input" in inputs:
         prompt = _text(inputs, "text_input", limits.prompt_byte_limit)
@@ -54,6 +58,11 @@ def parse_request(inputs: dict[str, np.ndarray], limits: AdmissionLimits) -> Par
     values: dict[str, Any] = {}
     if JSON_INPUT.name in inputs:
         values |= _sampling_json(_text(inputs, JSON_INPUT.name, MAX_JSON_BYTES))
+    elif parameters not in ("", "{}"):
+        if len(parameters) > MAX_JSON_BYTES:
+            raise InvalidRequestError("parameters", f"longer than {MAX_JSON_BYTES} characters")
+        values |= {key: value for key, value in _sampling_json(parameters, "parameters").items()
+                   if key not in TRITON_RESERVED and not key.startswith("triton_")}
     for spec in SAMPLING_INPUTS:
         if spec.name in inputs:
             values[spec.name] = _list(inputs, spec) if spec.is_list else _scalar(inputs, spec.name, spec.python_type)
@@ -122,15 +131,15 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, kind: type) -> Any:
     return float(value)
 
 
-def _sampling_json(text: str) -> dict[str, Any]:
+def _sampling_json(text: str, name: str = JSON_INPUT.name) -> dict[str, Any]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(JSON_INPUT.name, f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
+        raise InvalidRequestError(name, f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
     except RecursionError:
-        raise InvalidRequestError(JSON_INPUT.name, "is nested too deeply") from None
+        raise InvalidRequestError(name, "is nested too deeply") from None
     if not isinstance(values, dict):
-        raise InvalidRequestError(JSON_INPUT.name, "must be a JSON object")
+        raise InvalidRequestError(name, "must be a JSON object")
     return {key: _from_string(key, JSON_SCALARS[key], value)
             if isinstance(value, str) and JSON_SCALARS.get(key, str) is not str else value
             for key, value in values.items()}
