@@ -99,7 +99,7 @@ def perf_reports(grpc_url: str, models: list[str], out_dir: Path, max_tokens: in
                  request_count: int) -> dict:
     """Run perf_analyzer (streaming, gRPC) against each model; save each report; return requests/s."""
     input_data = write_input_data(out_dir / "perf_input.json", [
-        {"text_input": ["The quick brown fox"], "max_tokens": [max_tokens], "ignore_eos": [True]}])
+        {"text_input": ["The quick brown fox"], "max_tokens": [max_tokens], "ignore_eos": [True], "stream": [True]}])
     throughput = {}
     for model in models:
         command = perf_analyzer_command(model, grpc_url, concurrency, input_data, 5000, request_count=request_count)

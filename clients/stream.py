@@ -8,6 +8,8 @@ import sys
 import time
 
 from clients.triton_stream import ServerError, stream_grpc, stream_http
+from flover_backend.param_flags import add_sampling_arguments, sampling_values
+from flover_backend.param_table import BY_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,20 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--url", help="default 127.0.0.1:8001 (grpc) or http://127.0.0.1:8000 (http)")
     parser.add_argument("--model", default="flover")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[])
-    parser.add_argument("--ignore-eos", action="store_true")
+    add_sampling_arguments(parser)
     args = parser.parse_args(argv)
-    fields = {"text_input": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
-              "top_k": args.top_k, "top_p": args.top_p, "ignore_eos": args.ignore_eos}
-    if args.seed is not None:
-        fields["seed"] = args.seed
-    if args.stop:
-        fields["stop"] = args.stop
+    given = sampling_values(args)
+    # Parameters with a Triton tensor go as tensors; the others (vLLM's keys) in sampling_parameters.
+    fields = {"text_input": args.prompt} | {name: value for name, value in given.items() if BY_NAME[name].triton}
+    json_only = {name: value for name, value in given.items() if not BY_NAME[name].triton}
+    if json_only:
+        fields["sampling_parameters"] = json.dumps(json_only)
     if args.protocol == "grpc":
         chunks = stream_grpc(args.url or "127.0.0.1:8001", args.model, **fields)
     else:

@@ -14,13 +14,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-# Input name -> NumPy dtype the model's config.pbtxt declares for it.
-INPUT_DTYPES = {"max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
-                "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_, "exclude_input_in_output": np.bool_,
-                "stop_token_ids": np.int32, "input_ids": np.int32, "min_tokens": np.int32,
-                "repetition_penalty": np.float32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
-                "return_logprobs": np.bool_, "return_cumulative_logprob": np.bool_}
-LIST_INPUTS = {"stop", "stop_token_ids", "input_ids"}
+from flover_backend.frontends.triton.schema import INPUTS, NUMPY_TYPES
+
+# Input name -> the NumPy dtype the flover models declare for it (BYTES inputs are object arrays).
+INPUT_DTYPES = {spec.name: NUMPY_TYPES[spec.data_type] for spec in INPUTS if spec.data_type != "TYPE_STRING"}
+LIST_INPUTS = {spec.name for spec in INPUTS if spec.is_list}
 
 
 class ServerError(RuntimeError):
@@ -77,6 +75,7 @@ class GrpcStream:
         self._client = grpcclient.InferenceServerClient(url)
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._client.start_stream(callback=lambda result, error: self._results.put((result, error)))
+        fields = {"stream": True} | fields  # absent, the model answers in one response (as vllm_backend)
         self._client.async_stream_infer(model, grpc_inputs(fields), request_id=uuid.uuid4().hex,
                                         enable_empty_final_response=True)
 
@@ -116,7 +115,8 @@ def stream_grpc(url: str, model: str, **fields) -> Iterator[Chunk]:
 
 def stream_http(url: str, model: str, timeout_s: float = 300.0, **fields) -> Iterator[Chunk]:
     """Stream one request's chunks over HTTP `generate_stream` (server-sent events)."""
-    request = urllib.request.Request(f"{url}/v2/models/{model}/generate_stream", data=json.dumps(fields).encode(),
+    request = urllib.request.Request(f"{url}/v2/models/{model}/generate_stream",
+                                     data=json.dumps({"stream": True} | fields).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s)

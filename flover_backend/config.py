@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from flover_backend.admission import AdmissionLimits
+
 POLICIES = ("fused", "window", "solo")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,9 +69,14 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     @property
+    def admission(self) -> AdmissionLimits:
+        """The bounds on one request's prompt and length that these settings make."""
+        return AdmissionLimits(self.max_model_len, self.max_prompt_bytes)
+
+    @property
     def prompt_byte_limit(self) -> int:
-        """Longest text prompt in UTF-8 bytes: a token rarely covers more than 32 bytes, so more cannot fit."""
-        return self.max_prompt_bytes or 32 * self.max_model_len
+        """Longest text prompt in UTF-8 bytes (see admission)."""
+        return self.admission.prompt_byte_limit
 
     @property
     def batch_limit(self) -> int:

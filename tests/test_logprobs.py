@@ -27,7 +27,7 @@ def test_chosen_and_top_logprobs_equal_the_hand_computation():
     expected = log_softmax(LOGITS)
     logits = torch.tensor([LOGITS] * 4)
     params = [SamplingParams(logprobs=2), SamplingParams(), SamplingParams(logprobs=0, repetition_penalty=2.0),
-              SamplingParams(temperature=5.0, top_k=2, seed=3, logprobs=5)]
+              SamplingParams(temperature=2.0, top_k=2, seed=3, logprobs=5)]
     requests = requests_for(params)
     requests[2].prompt_token_ids = [4]  # 3.0 / 2 = 1.5 puts token 0 on top: drawn, but its logprob stays raw
     out = Sampler()(logits, requests)

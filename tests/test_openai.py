@@ -138,6 +138,39 @@ def test_a_repeated_prompt_reports_the_tokens_it_reused(client, stream):
             usages.append(client.completions.create(**args).usage)
     assert usages[0].prompt_tokens_details.cached_tokens == 0
     assert usages[1].prompt_tokens_details.cached_tokens == usages[1].prompt_tokens - 1 > 8
+def test_fields_clients_send_by_default_are_accepted(client, engine):
+    """store, metadata, service_tier, user, response_format text, suffix "": accepted, the answer unchanged."""
+    text, _, _ = greedy(engine, PROMPT, max_tokens=8)
+    common = {"model": "flover", "max_tokens": 8, "temperature": 0, "user": "u-1"}
+    defaults = {"store": False, "metadata": {"run": "ci"}, "service_tier": "auto"}  # chat's own arguments
+    completion = client.completions.create(prompt=PROMPT, suffix="", extra_body={"ignore_eos": True} | defaults,
+                                           **common)
+    assert completion.choices[0].text == text
+    common |= {"extra_body": {"ignore_eos": True}}
+    chat = client.chat.completions.create(messages=MESSAGES, response_format={"type": "text"}, **defaults, **common)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(messages=MESSAGES, response_format={"type": "json_object"}, **common)
+    assert refused.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=PROMPT, suffix="after", **common)
+    assert refused.value.param == "suffix"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(client, engine, chat):
+    _, num_prompt, _ = greedy(engine, PROMPT, max_tokens=12)
+    args = {"model": "flover", "max_tokens": 12, "temperature": 0, "stream": True, "extra_body": {"ignore_eos": True},
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = list(client.chat.completions.create(messages=MESSAGES, **args) if chat
+                  else client.completions.create(prompt=PROMPT, **args))
+    assert all(c.usage is not None for c in chunks)
+    completion_tokens = [c.usage.completion_tokens for c in chunks]
+    assert completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 12
+    assert completion_tokens[-2] == 12 and len(set(completion_tokens)) > 2  # it grows chunk by chunk
+    if not chat:
+        assert {c.usage.prompt_tokens for c in chunks} == {num_prompt}
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
 
 
 def test_token_id_prompt_and_echo(client, engine):
@@ -281,8 +314,8 @@ CHAT = {"model": "flover", "messages": [{"role": "user", "content": "x"}], "max_
     ("/v1/completions", COMPLETION | {"top_p": "0.5"}, 400, "top_p", "valid number"),
     ("/v1/completions", COMPLETION | {"model": "nope"}, 404, "model", "does not exist"),
     ("/v1/chat/completions", CHAT | {"model": "nope"}, 404, "model", "does not exist"),
-    ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "only n=1"),
-    ("/v1/chat/completions", CHAT | {"n": 2}, 400, "n", "only n=1"),
+    ("/v1/completions", COMPLETION | {"n": 2}, 400, "n", "less than or equal to 1"),
+    ("/v1/chat/completions", CHAT | {"n": 2}, 400, "n", "less than or equal to 1"),
     ("/v1/completions", COMPLETION | {"logit_bias": {"5": 1.0}}, 400, "logit_bias", "not supported"),
     ("/v1/completions", COMPLETION | {"logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("/v1/completions", COMPLETION | {"logprobs": 2, "echo": True}, 400, "echo", "no prompt logprobs"),

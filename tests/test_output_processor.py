@@ -4,6 +4,7 @@ import pytest
 
 from flover_backend.engine.detokenizer import IncrementalDetokenizer
 from flover_backend.engine.output_processor import OutputProcessor
+from flover_backend.errors import InvalidRequestError
 from flover_backend.execution.models.builtin import EOS_TOKEN_ID
 from flover_backend.execution.models.loader import load_tokenizer
 from flover_backend.request import Request, RequestStatus
@@ -82,3 +83,42 @@ def test_stop_string_ends_the_request(tokenizer):
     processor.add(request)
     assert processor.append_token(request, tokenizer.token_to_id("x")) == ("", None)
     assert processor.append_token(request, tokenizer.token_to_id("y")) == ("", RequestStatus.FINISHED_STOP)
+
+
+def run_through(tokenizer, token_ids: list[int], **params) -> tuple[str, RequestStatus | None]:
+    """Append `token_ids` to a fresh request with `params`: its whole streamed text and its end."""
+    processor = OutputProcessor(tokenizer, frozenset({EOS_TOKEN_ID}))
+    request = make_request(max_tokens=len(token_ids), **params)
+    processor.add(request)
+    texts, status = [], None
+    for token_id in token_ids:
+        text, status = processor.append_token(request, token_id)
+        texts.append(text)
+        if status is not None:
+            break
+    return "".join(texts), status
+
+
+def test_skip_special_tokens_false_shows_them(tokenizer):
+    """vLLM's skip_special_tokens: eos (a special token of the built-in tokenizer) shows in the text only if false."""
+    ids = [*tokenizer.encode("ab", add_special_tokens=False).ids, EOS_TOKEN_ID,
+           *tokenizer.encode("c", add_special_tokens=False).ids]  # no bos
+    eos = tokenizer.decode([EOS_TOKEN_ID], skip_special_tokens=False)
+    assert eos and tokenizer.decode([EOS_TOKEN_ID]) == ""
+    assert run_through(tokenizer, ids, ignore_eos=True) == ("abc", RequestStatus.FINISHED_LENGTH)
+    assert run_through(tokenizer, ids, ignore_eos=True, skip_special_tokens=False) == (
+        f"ab{eos}c", RequestStatus.FINISHED_LENGTH)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(tokenizer):
+    ids = tokenizer.encode("one two three").ids
+    assert run_through(tokenizer, ids, stop=["two"]) == ("one ", RequestStatus.FINISHED_STOP)
+    assert run_through(tokenizer, ids, stop=["two"], include_stop_str_in_output=True) == (
+        "one two", RequestStatus.FINISHED_STOP)
+
+
+def test_detokenize_false_gives_ids_and_no_text(tokenizer):
+    ids = tokenizer.encode("one two").ids
+    assert run_through(tokenizer, ids, detokenize=False) == ("", RequestStatus.FINISHED_LENGTH)
+    with pytest.raises(InvalidRequestError, match="detokenize"):
+        SamplingParams(detokenize=False, stop=["x"])

@@ -8,13 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flover_backend.admission import AdmissionLimits
 from flover_backend.errors import InvalidRequestError
 from flover_backend.frontends.triton import parsing
-from flover_backend.frontends.triton.schema import INPUTS, OUTPUTS
+from flover_backend.frontends.triton.schema import INPUTS
+from flover_backend.param_table import BY_NAME
 from flover_backend.server.repository import derive_repository, set_parameter
 from flover_backend.triton_env import PROJECT_ROOT
 
-LIMITS = parsing.RequestLimits(max_prompt_bytes=1000, max_prompt_tokens=100)
+LIMITS = AdmissionLimits(max_model_len=100, max_prompt_bytes=1000)
 
 
 def parse_request(inputs):
@@ -28,7 +30,7 @@ def text(value: str) -> np.ndarray:
 def test_defaults_and_explicit_inputs():
     parsed = parse_request({"text_input": text("hi")})
     assert parsed.prompt == "hi" and parsed.prompt_token_ids is None
-    assert parsed.stream and not parsed.exclude_input_in_output
+    assert not parsed.stream and not parsed.exclude_input_in_output  # as vllm_backend: one response
     assert parsed.params.max_tokens == 16 and parsed.params.greedy
     parsed = parse_request({
         "text_input": text("hi"), "max_tokens": np.array([5], np.int32), "temperature": np.array([0.5], np.float32),
@@ -67,23 +69,12 @@ def test_penalties_min_tokens_and_logprob_flags():
     assert parsed.params.logprobs == 2 and parsed.return_logprobs
 
 
-def read_config_io(path) -> dict[str, set[tuple]]:
-    """The inputs and outputs a config.pbtxt declares, as (name, data_type, dims, optional) rows."""
-    config = path.read_text()
-    found = {}
-    for section in ("input", "output"):
-        body = re.search(rf"^{section} \[(.*?)^\]", config, re.MULTILINE | re.DOTALL).group(1)
-        found[section] = {(name, data_type, tuple(int(d) for d in dims.split()), bool(optional))
-                          for name, data_type, dims, optional in re.findall(
-                              r'name: "(\w+)" data_type: (\w+) dims: \[ ([-\d ]+?) \]( optional: true)?', body)}
-    return found
-
-
 @pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances"])
-def test_every_config_declares_exactly_the_schema(model):
-    declared = read_config_io(PROJECT_ROOT / "model_repository" / model / "config.pbtxt")
-    assert declared["input"] == {(spec.name, spec.data_type, spec.dims, True) for spec in INPUTS}
-    assert declared["output"] == {(spec.name, spec.data_type, spec.dims, False) for spec in OUTPUTS}
+def test_no_config_declares_inputs_or_outputs(model):
+    """The model declares them (auto_complete_config, from the schema): a config.pbtxt that listed some would be
+    a second declaration to keep in step (test_triton checks what the server then reports)."""
+    config = (PROJECT_ROOT / "model_repository" / model / "config.pbtxt").read_text()
+    assert not re.search(r"^\s*(input|output)\s*\[", config, re.MULTILINE)
 
 
 def test_input_ids_prompt():
@@ -150,9 +141,7 @@ def request_inputs(draw) -> dict:
     chosen = draw(st.lists(st.sampled_from(INPUTS), unique=True, max_size=6))
     inputs = {spec.name: random_array(draw, spec) for spec in chosen}
     if draw(st.booleans()):
-        fields = st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                                                  "stop_token_ids", "ignore_eos", "min_tokens", "logprobs",
-                                                  "repetition_penalty", "other"]),
+        fields = st.dictionaries(st.sampled_from([*BY_NAME, "other"]),
                                  st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                                               lambda inner: st.lists(inner, max_size=3)), max_size=4)
         inputs["sampling_parameters"] = text(json.dumps(draw(fields)))
@@ -166,7 +155,7 @@ def test_any_input_parses_or_fails_naming_a_field(inputs):
     try:
         parse_request(inputs)
     except InvalidRequestError as exc:
-        assert exc.field in {spec.name for spec in INPUTS} | set(parsing.JSON_ONLY_SCALARS) | {"prompt"}
+        assert exc.field in {spec.name for spec in INPUTS} | set(BY_NAME) | {"prompt"}
 
 
 def test_derive_repository_overrides_parameters_and_counts(tmp_path):
@@ -184,3 +173,19 @@ def test_derive_repository_overrides_parameters_and_counts(tmp_path):
     assert 'key: "new" value: { string_value: "1" }' in set_parameter("", "new", "1")
     with pytest.raises(FileNotFoundError):
         derive_repository(tmp_path / "other", models=["missing"])
+
+
+def test_request_parameters_carry_the_settings_when_no_sampling_parameters_input():
+    """vllm_backend's other way: the request's own parameters (numbers as strings too); Triton's keys skipped."""
+    parameters = json.dumps({"max_tokens": "5", "temperature": 0.5, "ignore_eos": True,
+                             "triton_enable_empty_final_response": True, "priority": 0})
+    parsed = parsing.parse_request({"text_input": text("hi")}, LIMITS, parameters)
+    assert (parsed.params.max_tokens, parsed.params.temperature, parsed.params.ignore_eos) == (5, 0.5, True)
+    both = parsing.parse_request({"text_input": text("hi"), "sampling_parameters": text('{"max_tokens": 3}')},
+                                 LIMITS, parameters)
+    assert both.params.max_tokens == 3 and both.params.temperature == 0.0  # the input wins, whole
+    with pytest.raises(InvalidRequestError, match="min_p"):
+        parsing.parse_request({"text_input": text("hi")}, LIMITS, '{"min_p": 0.1}')
+    with pytest.raises(InvalidRequestError) as refused:
+        parsing.parse_request({"text_input": text("hi")}, LIMITS, "x" * (parsing.MAX_JSON_BYTES + 1))
+    assert refused.value.field == "parameters"

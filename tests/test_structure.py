@@ -92,8 +92,9 @@ def test_the_package_has_no_import_cycle():
 
 
 # The layers, bottom to top: what each package of flover_backend may import besides itself. The base modules
-# (config, errors, paths, ports, request, triton_env) sit under every layer and import no layer.
-BASE = ("config", "errors", "paths", "ports", "request", "triton_env")
+# (admission, config, errors, the parameter table and its flags, paths, ports, request, triton_env) sit under
+# every layer and import no layer.
+BASE = ("admission", "config", "errors", "param_flags", "param_table", "paths", "ports", "request", "triton_env")
 LAYERS = {
     "native": (),  # the C kernels: nothing of the package
     "sampling": ("native",),

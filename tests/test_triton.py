@@ -29,6 +29,7 @@ from clients.triton_stream import (
 from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.frontends.triton.metrics import METRICS
+from flover_backend.frontends.triton.schema import INPUTS, OUTPUTS
 from flover_backend.ports import find_free_port
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
@@ -237,6 +238,116 @@ def test_full_queue_answers_busy_at_once_and_takes_requests_again_once_it_drains
     again.cancel()
 
 
+@pytest.mark.parametrize("model", ["flover", "flover_window", "flover_instances"])
+def test_the_model_declares_the_schemas_inputs_and_outputs(server, model):
+    """config.pbtxt lists none: the model declares them (auto_complete_config, from the parameter table)."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    for section, specs, optional in (("input", INPUTS, True), ("output", OUTPUTS, False)):
+        declared = {(t["name"], t["data_type"], tuple(int(d) for d in t["dims"]), bool(t.get("optional")))
+                    for t in config[section]}
+        assert declared == {(s.name, s.data_type, s.dims, optional) for s in specs}
+
+
+def post_generate(server, fields: dict) -> dict:
+    """A plain HTTP /generate, as Triton's tooling sends it (no `stream` input)."""
+    request = urllib.request.Request(f"{server.http_url}/v2/models/flover/generate", data=json.dumps(fields).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def test_generate_without_stream_is_one_response_with_reason_and_counts(server, reference):
+    """As vllm_backend: no `stream` means false; the return_* flags add the outputs of their names."""
+    ids, text, num_prompt_tokens = reference
+    plain = post_generate(server, {"text_input": PROMPT, "max_tokens": 8, "ignore_eos": True})
+    assert plain["output_ids"] == ids[:8] and plain["text_output"].startswith(PROMPT)
+    flagged = post_generate(server, {"text_input": PROMPT, "max_tokens": 8, "ignore_eos": True,
+                                     "exclude_input_in_output": True, "return_finish_reason": True,
+                                     "return_num_input_tokens": True, "return_num_output_tokens": True})
+    assert flagged["output_ids"] == ids[:8] and text.startswith(flagged["text_output"])
+    assert (flagged["finish_reason"], flagged["num_input_tokens"], flagged["num_output_tokens"]) == (
+        "length", num_prompt_tokens, 8)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_return_flags_follow_vllm_backend_on_every_streamed_response(server, reference, flag):
+    """Set: on every response, finish_reason "None" until the last, num_output_tokens that response's tokens.
+    False: never (unset, the final response carries the reason and the totals, as tests above check)."""
+    flags = dict.fromkeys(("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"), flag)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("flover", grpc_inputs({"text_input": PROMPT, "max_tokens": 10, "ignore_eos": True,
+                                                     "stream": True, **flags}))
+    responses = []
+    try:
+        while not responses or responses[-1].as_numpy("finish_reason") is None or (
+                responses[-1].as_numpy("finish_reason")[0] == b"None"):
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            responses.append(result)
+            if not flag and sum(len(r.as_numpy("output_ids")) for r in responses) == 10:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    outputs = {name: [r.as_numpy(name) for r in responses]
+               for name in ("finish_reason", "num_input_tokens", "num_output_tokens")}
+    if not flag:
+        assert all(value is None for values in outputs.values() for value in values)
+        return
+    assert len(responses) > 1
+    assert [r[0].decode() for r in outputs["finish_reason"]] == ["None"] * (len(responses) - 1) + ["length"]
+    assert {int(n[0]) for n in outputs["num_input_tokens"]} == {reference[2]}
+    assert [int(n[0]) for n in outputs["num_output_tokens"]] == [len(r.as_numpy("output_ids")) for r in responses]
+    assert sum(int(n[0]) for n in outputs["num_output_tokens"]) == 10
+
+
+def test_vllm_sampling_parameters_are_honoured_and_the_rest_refused_by_name(server, reference):
+    ids, text, _ = reference
+    stop = text[6:9]  # the reference text's own characters: greedy output reaches them
+    assert stop and text.find(stop) == 6
+    keys = {"n": 1, "best_of": 1, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+            "detokenize": True, "include_stop_str_in_output": True, "stop": [stop], "max_tokens": 24,
+            "ignore_eos": "true"}
+    whole = post_generate(server, {"text_input": PROMPT, "exclude_input_in_output": True,
+                                   "sampling_parameters": json.dumps(keys)})
+    assert whole["text_output"] == text[:9] and whole["finish_reason"] == "stop"
+    without = post_generate(server, {"text_input": PROMPT, "exclude_input_in_output": True,
+                                     "sampling_parameters": json.dumps(keys | {"include_stop_str_in_output": False})})
+    assert without["text_output"] == text[:6]
+    ids_only = post_generate(server, {"text_input": PROMPT, "exclude_input_in_output": True, "max_tokens": 5,
+                                      "ignore_eos": True, "sampling_parameters": json.dumps({"detokenize": False})})
+    assert ids_only["text_output"] == "" and ids_only["output_ids"] == ids[:5]
+    for refused, field in (({"min_p": 0.1}, "min_p"), ({"n": 2}, "n"), ({"best_of": 3}, "best_of")):
+        with pytest.raises(ServerError, match=field):
+            generate_http(server.http_url, "flover", text_input=PROMPT, sampling_parameters=json.dumps(refused))
+
+
+def test_request_parameters_set_the_sampling_as_vllm_backend_takes_them(server, reference):
+    """A vllm_backend client's `parameters=` (numbers as strings), beside Triton's own empty-final flag."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("flover", grpc_inputs({"text_input": PROMPT, "stream": True,
+                                                     "exclude_input_in_output": True}),
+                              parameters={"max_tokens": "5", "ignore_eos": True}, enable_empty_final_response=True)
+    token_ids = []
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            if result.as_numpy("output_ids") is not None:
+                token_ids += result.as_numpy("output_ids").tolist()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert token_ids == reference[0][:5]
+
+
 def test_wrong_dtype_and_shape_rejected_naming_the_input(server):
     inputs = grpc_inputs({"text_input": "x"})
     wrong_dtype = grpcclient.InferInput("max_tokens", [1], "FP32")
@@ -376,7 +487,7 @@ def test_finished_requests_are_logged_without_their_prompts(server):
 
 def test_perf_analyzer_streams_against_flover(server, tmp_path):
     data = write_input_data(tmp_path / "input.json",
-                            [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True]}])
+                            [{"text_input": ["perf"], "max_tokens": [8], "ignore_eos": [True], "stream": [True]}])
     command = perf_analyzer_command("flover", server.grpc_url, 4, data, 5000, request_count=16)
     done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=120,
                           check=False)
@@ -388,7 +499,7 @@ def test_perf_analyzer_streams_against_flover(server, tmp_path):
 def test_dropped_http_connection_cancels_generation(server):
     model, max_tokens = "flover_long", 1000
     before = metric(server, "flover_generated_tokens_total", model)
-    body = json.dumps({"text_input": "drop me", "max_tokens": max_tokens, "ignore_eos": True}).encode()
+    body = json.dumps({"text_input": "drop me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
         sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from flover_backend.admission import check_admission
 from flover_backend.config import EngineConfig
 from flover_backend.engine.output_processor import OutputProcessor
 from flover_backend.engine.scheduler import Scheduler
@@ -23,7 +24,6 @@ from flover_backend.engine.thread import EngineThread, run_into
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
 from flover_backend.execution.iteration import SchedulerOutput
 from flover_backend.execution.model_runner import ModelRunner, StepResult, StepTimings
-from flover_backend.execution.models import eos_token_ids
 from flover_backend.execution.models.loader import load_tokenizer, resolve_model_path
 from flover_backend.request import Request, RequestStatus
 from flover_backend.sampling.logprobs import TokenLogprobs
@@ -83,7 +83,7 @@ class Engine:
                              f"max_position_embeddings {model_config.max_position_embeddings}")
         self.vocab_size = model_config.vocab_size
         self.scheduler = Scheduler(config)
-        self.outputs = OutputProcessor(self.tokenizer, eos_token_ids(model_config))
+        self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids)
         arena, world = self.runner.arena, config.tensor_parallel_size
         self._kv_bytes_per_position = arena.bytes_per_position * world  # each rank holds 1/world of the heads
         self.stats = EngineStats(num_rows=config.max_num_seqs, kv_bytes_allocated=arena.nbytes * world)
@@ -115,13 +115,7 @@ class Engine:
             raise EngineDeadError("the engine is stopped")
         params = params or SamplingParams()
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
-        if len(token_ids) >= self.config.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(token_ids)} tokens leave no room in max_model_len "
-                                                f"{self.config.max_model_len}")
-        if len(token_ids) + params.max_tokens > self.config.max_model_len:
-            raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
-                                                    f"({params.max_tokens}) exceeds max_model_len "
-                                                    f"{self.config.max_model_len}")
+        check_admission(self.config.admission, num_prompt_tokens=len(token_ids), max_tokens=params.max_tokens)
         request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params,
                           arrival_time=arrival_time)
         with self._lock:
@@ -360,18 +354,16 @@ class Engine:
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise InvalidRequestError("prompt", "must be a non-empty string")
-            limit = self.config.prompt_byte_limit
             # len(str) <= UTF-8 bytes <= 4 len(str): only prompts near the limit pay for encoding.
-            if len(prompt) > limit or (4 * len(prompt) > limit and len(prompt.encode("utf-8", "replace")) > limit):
-                raise InvalidRequestError("prompt", f"longer than {limit} bytes: it cannot fit in max_model_len "
-                                                    f"{self.config.max_model_len} tokens")
+            limit = self.config.prompt_byte_limit
+            near = len(prompt) <= limit < 4 * len(prompt)
+            num_bytes = len(prompt.encode("utf-8", "replace")) if near else len(prompt)
+            check_admission(self.config.admission, num_prompt_bytes=num_bytes)
             # encode_batch releases the GIL (encode does not): the loop thread keeps stepping meanwhile.
             return self.tokenizer.encode_batch([prompt])[0].ids
         if not prompt_token_ids:
             raise InvalidRequestError("input_ids", "must be a non-empty list of token ids")
-        if len(prompt_token_ids) >= self.config.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(prompt_token_ids)} tokens leave no room in max_model_len "
-                                                f"{self.config.max_model_len}")
+        check_admission(self.config.admission, num_prompt_tokens=len(prompt_token_ids))  # before scanning them
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError("input_ids", f"ids must be in [0, {self.vocab_size}), got {bad[:5]}")

@@ -18,11 +18,15 @@ class OutputProcessor:
 
     def add(self, request: Request) -> None:
         """Start following a request that joined the engine."""
-        self._detokenizers[request.req_id] = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+        params = request.params
+        if params.detokenize:  # without, the request gets token ids only (and has no stop strings)
+            self._detokenizers[request.req_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
+                include_stop=params.include_stop_str_in_output)
 
     def remove(self, req_id: str) -> None:
         """Forget a request that has left the engine."""
-        del self._detokenizers[req_id]
+        self._detokenizers.pop(req_id, None)
 
     def append_token(self, request: Request, token_id: int) -> tuple[str, RequestStatus | None]:
         """Record `token_id` for `request`: the text now safe to send, and the finished status if it ends."""
@@ -32,10 +36,12 @@ class OutputProcessor:
         # eos until then, and stop strings are looked for from the min_tokens-th token on, as vLLM does.
         may_stop = request.num_output_tokens >= params.min_tokens
         status = None
-        if may_stop and (params.is_stop_token(token_id) or (token_id in self.eos_token_ids and not params.ignore_eos)):
+        if may_stop and params.ends_on(token_id, self.eos_token_ids):
             status = RequestStatus.FINISHED_STOP
         elif request.num_output_tokens >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
-        text, hit_stop_string = self._detokenizers[request.req_id].step(request.output_token_ids, status is not None,
-                                                                        find_stops=may_stop)
+        detokenizer = self._detokenizers.get(request.req_id)
+        if detokenizer is None:
+            return "", status
+        text, hit_stop_string = detokenizer.step(request.output_token_ids, status is not None, find_stops=may_stop)
         return text, RequestStatus.FINISHED_STOP if hit_stop_string else status

@@ -124,7 +124,8 @@ class ModelRunner:
         self.model.prepack(config.max_num_seqs, small_gemm)
         sampling_kernel = native_sampling.load(kernel_dir) if config.native_sampling and self.device.type == "cpu" \
             else None
-        self.sampler = Sampler(config.seed, eos_token_ids(model_config), sampling_kernel)
+        self.eos_token_ids = eos_token_ids(model_config)  # built here once; the engine's outputs read it too
+        self.sampler = Sampler(config.seed, self.eos_token_ids, sampling_kernel)
         elementwise_kernels = native_elementwise.load(kernel_dir) if config.native_elementwise and cpu_float32 \
             else None
         if elementwise_kernels is not None:

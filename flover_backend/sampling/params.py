@@ -1,27 +1,27 @@
-"""Per-request generation settings, validated on construction."""
+"""Per-request generation settings: a dataclass whose fields and checks come from the parameter table."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from flover_backend.errors import InvalidRequestError
+from flover_backend.param_table import (  # noqa: F401 - the bounds, importable from here as before
+    MAX_LOGPROBS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    PARAMS,
+    Param,
+)
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256  # longer ones would hold back that much streamed text, waiting to rule them out
-MAX_STOP_TOKEN_IDS = 256
-MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs
-MAX_REPETITION_PENALTY = 2.0  # vLLM's bound
 # Below this, temperature scaling could overflow float32 (logits / 1e-38 is inf) long before it could change
 # which token wins, so such requests take the most likely token, exactly as temperature 0 does.
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
-@dataclass
-class SamplingParams:
-    """How one request picks its tokens and when it stops.
+class _SamplingParamsBase:
+    """How one request picks its tokens and when it stops (fields: `param_table.PARAMS`).
 
     temperature 0, or anything below MIN_SAMPLING_TEMPERATURE (1e-5), means greedy: the most likely token.
     top_k keeps the k most likely tokens (0 keeps all), then top_p keeps the fewest most likely of those whose
@@ -36,56 +36,27 @@ class SamplingParams:
     alternatives, from the model's raw distribution (before penalties and temperature, as vLLM's default).
     """
 
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0  # 0 disables top-k
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    repetition_penalty: float = 1.0  # 1 disables it
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the N most likely ones'
-
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
-        _check(_is_int(self.max_tokens), "max_tokens", f"must be an integer, got {self.max_tokens!r}")
-        _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
-        _check(_is_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
-               "temperature", f"must be in [0, 100], got {self.temperature!r}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
-               "seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
-        _check(isinstance(self.stop, list) and len(self.stop) <= MAX_STOP_STRINGS, "stop",
-               f"must be a list of at most {MAX_STOP_STRINGS} strings")
-        _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
-               f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
-        _check(isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-               "stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "must be non-negative integers")
+        for param in PARAMS:
+            param.check(getattr(self, param.name))
+        # What one parameter's bounds cannot say alone.
+        _check(self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be <= max_tokens = {self.max_tokens}, got {self.min_tokens!r}")
+        _check(self.prompt_logprobs is None, "prompt_logprobs", "is not served yet")
+        _check(self.detokenize or not self.stop, "detokenize", "false leaves no text to find stop strings in")
         self._stop_token_set = frozenset(self.stop_token_ids)
-        _check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
-        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
-               f"must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}")
-        _check(_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
-               "repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(_is_number(value) and -2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value!r}")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
 
-    def is_stop_token(self, token_id: int) -> bool:
-        """Whether `token_id` is one of the request's stop tokens (a set look-up, however many there are)."""
-        return token_id in self._stop_token_set
+    def ending_token_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
+        """Every token that ends this request once past min_tokens: its stop tokens, and eos unless ignored."""
+        return self._stop_token_set if self.ignore_eos else self._stop_token_set | eos_token_ids
+
+    def ends_on(self, token_id: int, eos_token_ids: frozenset[int]) -> bool:
+        """Whether `token_id` ends this request (once past min_tokens); as `ending_token_ids`, without a set."""
+        return token_id in self._stop_token_set or (not self.ignore_eos and token_id in eos_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -104,18 +75,20 @@ class SamplingParams:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidRequestError("sampling_parameters", f"unknown keys {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise InvalidRequestError("sampling_parameters", str(exc)) from None
+        return cls(**values)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def dataclass_of(params: tuple[Param, ...]) -> type:
+    """A SamplingParams class with one field per table row (tests derive one from a longer table)."""
+    fields = [(p.name, f"{p.kind.__name__}{' | None' if p.nullable else ''}",
+               dataclasses.field(default_factory=list) if p.is_list else dataclasses.field(default=p.default))
+              for p in params]
+    cls = dataclasses.make_dataclass("SamplingParams", fields, bases=(_SamplingParamsBase,))
+    cls.__module__ = __name__  # so pickle (tensor-parallel workers) finds it here
+    return cls
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+SamplingParams = dataclass_of(PARAMS)
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:

@@ -104,7 +104,7 @@ def min_tokens_blocked(request: Request, eos_token_ids: frozenset[int]) -> froze
     params = request.params
     if request.num_output_tokens >= params.min_tokens:
         return frozenset()
-    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
+    return params.ending_token_ids(eos_token_ids)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

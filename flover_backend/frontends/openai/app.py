@@ -15,6 +15,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flover_backend.admission import check_admission
+from flover_backend.errors import InvalidRequestError
 from flover_backend.frontends.openai import generation
 from flover_backend.frontends.openai.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
 from flover_backend.frontends.openai.errors import APIError, bad_request, model_not_found
@@ -107,12 +109,18 @@ class Front:
         body = parse(CompletionRequest, await self._body(request))
         prompt = body.check(self.limits)
         info = await self._model(body.model)
-        fields = body.triton_fields(body.max_tokens or DEFAULT_COMPLETION_TOKENS)
+        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        if isinstance(prompt, str):  # its tokens are counted where it is tokenized, by the engine
+            admit(info, "prompt", num_prompt_bytes=len(prompt.encode("utf-8", "replace")))
+        else:
+            admit(info, "prompt", num_prompt_tokens=len(prompt), max_tokens=max_tokens)
+        fields = body.triton_fields(max_tokens)
         fields["text_input" if isinstance(prompt, str) else "input_ids"] = prompt
         answer = generation.Answer(Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", info.name), chat=False,
                                    include_usage=body.include_usage, return_token_ids=bool(body.return_token_ids),
-                                   echo=prompt if body.echo else "", num_logprobs=body.num_logprobs)
-        return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="prompt")
+                                   echo=prompt if body.echo else "", num_logprobs=body.num_logprobs,
+                                   continuous_usage=body.continuous_usage)
+        return await self._answer(request, info, answer, fields, stream=bool(body.stream), prompt_param="prompt")
 
     async def chat_completions(self, request: Request) -> Response:
         """`/v1/chat/completions`, streamed or not."""
@@ -126,22 +134,20 @@ class Front:
             raise bad_request("model", f"model {info.name!r}: {exc}", code="no_chat_template") from None
         except ChatTemplateError as exc:
             raise bad_request("messages", str(exc)) from None
-        room = info.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise bad_request("messages", f"the prompt is {len(prompt_ids)} tokens, which leaves no room in "
-                                          f"max_model_len {info.max_model_len}")
-        fields = body.triton_fields(body.max_tokens or room) | {"input_ids": prompt_ids}
+        admit(info, "messages", num_prompt_tokens=len(prompt_ids), max_tokens=body.max_tokens)
+        # Chat's default max_tokens (OpenAI's too): the room the prompt leaves.
+        fields = body.triton_fields(body.max_tokens or info.max_model_len - len(prompt_ids)) | {"input_ids": prompt_ids}
         answer = generation.Answer(Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", info.name),
                                    chat=True, include_usage=body.include_usage,
-                                   return_token_ids=bool(body.return_token_ids), num_logprobs=body.num_logprobs)
+                                   return_token_ids=bool(body.return_token_ids), num_logprobs=body.num_logprobs,
+                                   continuous_usage=body.continuous_usage)
         if body.stream:
             answer.envelope.object = "chat.completion.chunk"
-        return await self._answer(request, answer, fields, stream=bool(body.stream), prompt_param="messages")
+        return await self._answer(request, info, answer, fields, stream=bool(body.stream), prompt_param="messages")
 
-    async def _answer(self, request: Request, answer: generation.Answer, fields: dict, *, stream: bool,
-                      prompt_param: str) -> Response:
-        deltas = self.backend.generate(answer.envelope.model, fields, request_id=answer.envelope.id,
-                                       prompt_param=prompt_param)
+    async def _answer(self, request: Request, info: ModelInfo, answer: generation.Answer, fields: dict, *,
+                      stream: bool, prompt_param: str) -> Response:
+        deltas = self.backend.generate(info, fields, request_id=answer.envelope.id, prompt_param=prompt_param)
         if stream:
             return await generation.streamed(request, answer, deltas)
         return await generation.whole(request, answer, deltas)
@@ -179,6 +185,15 @@ class Front:
 
     def _model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "flover"}
+
+
+def admit(info: ModelInfo, prompt_param: str, **counts) -> None:
+    """The engine's admission (admission.check_admission) decided here, before the request is sent: a 400 naming
+    the request's parameter (`prompt_param` for the prompt)."""
+    try:
+        check_admission(info.admission, **counts)
+    except InvalidRequestError as exc:
+        raise bad_request(prompt_param if exc.field == "prompt" else exc.field, exc.message) from None
 
 
 async def _drain(request: Request) -> None:

@@ -6,13 +6,13 @@ import re
 
 from starlette.responses import JSONResponse
 
+from flover_backend.param_table import PARAMS
+
 # Fields the flover model names at the start of its error messages ("top_p: must be in (0, 1]"), and the
-# request parameter each one comes from. `prompt` and `input_ids` are the messages of a chat request.
-TRITON_FIELDS = {"text_input": "prompt", "input_ids": "prompt", "prompt": "prompt", "max_tokens": "max_tokens",
-                 "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed", "stop": "stop",
-                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
-                 "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                 "frequency_penalty": "frequency_penalty", "logprobs": "logprobs"}
+# request parameter each one comes from (the table's OpenAI name). `prompt` and `input_ids` are the messages
+# of a chat request; `logprobs` is chat's `top_logprobs`, named alike by both endpoints' `logprobs`.
+TRITON_FIELDS = {"text_input": "prompt", "input_ids": "prompt", "prompt": "prompt", "logprobs": "logprobs"} | {
+    param.name: param.openai for param in PARAMS if param.openai}
 _FIELD_ERROR = re.compile(r"(\w+): ")
 
 

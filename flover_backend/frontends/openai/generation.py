@@ -32,6 +32,7 @@ class Answer:
     return_token_ids: bool = False
     echo: str = ""  # a completion's prompt, sent before its text (`echo`)
     num_logprobs: int | None = None  # alternatives per token in `logprobs`; None: no logprobs
+    continuous_usage: bool = False  # every streamed chunk carries the usage so far (stream_options)
     text_offset: int = 0  # a completion's: where the next token's text starts in the choice's text
 
     def choice(self, text: str, token_ids: list[int], finish_reason: str | None, *, stream: bool,
@@ -128,9 +129,13 @@ async def _events(answer: Answer, first: Delta, deltas: AsyncIterator[Delta]) ->
     # Starlette cancels this generator when the client disconnects; closing `deltas` then cancels the call.
     extra = {"usage": None} if answer.include_usage else {}
     delta, is_first = first, True
+    num_prompt_tokens, num_completion_tokens = first.num_input_tokens, 0
     try:
         while True:
             check_finish(delta)
+            num_completion_tokens += len(delta.token_ids)
+            if answer.continuous_usage:
+                extra = {"usage": usage(num_prompt_tokens, num_completion_tokens)}
             text = (answer.echo + delta.text) if is_first else delta.text
             shows_tokens = (answer.return_token_ids or answer.num_logprobs is not None) and delta.token_ids
             if text or delta.finish_reason or is_first or shows_tokens:

@@ -10,13 +10,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flover_backend.frontends.openai.errors import bad_request
+from flover_backend.frontends.openai.table_fields import TableFields
+from flover_backend.param_table import MAX_LOGPROBS, MAX_TOKEN_ID
 
-MAX_STOP_STRINGS = 16  # the engine's own bound (sampling_params.MAX_STOP_STRINGS)
-MAX_LOGPROBS = 20  # the engine's own bound (sampling_params.MAX_LOGPROBS)
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+MetadataKey = Annotated[str, Field(max_length=64)]  # OpenAI's bounds on `metadata`
+MetadataValue = Annotated[str, Field(max_length=512)]
 
 
 @dataclass(frozen=True)
@@ -40,47 +40,46 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    """OpenAI's `stream_options`: whether the last chunk carries the usage."""
+    """OpenAI's `stream_options`: the usage on a last chunk, and (vLLM's) on every chunk as it grows."""
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class _Sampling(_Strict):
-    """What completions and chat completions share. null means the default, as in OpenAI's API."""
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`. Only "text" (what every answer is) is served; json_object / json_schema
+    are the structured-output hook: `_Sampling.check_supported` refuses them until a grammar is applied."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+class _Sampling(TableFields, _Strict):
+    """What completions and chat completions share. null means the default, as in OpenAI's API.
+
+    The sampling fields (temperature, top_p, stop, seed, penalties, and vLLM's extensions top_k, min_tokens,
+    ignore_eos, skip_special_tokens, ...) come from the parameter table (`TableFields`), bounds included.
+    """
 
     model: Name
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's default: 1
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    return_token_ids: bool | None = None  # vLLM's: each choice carries its token ids
+    # Fields clients send by default that change nothing here: accepted, bounded, and not acted on (one tier,
+    # nothing is stored, the end user's id only matters to OpenAI's abuse monitoring).
     user: str | None = Field(None, max_length=256)
-    # Extensions that vLLM's server has too (clients.loadgen sends some): top-k, run to max_tokens, ids back,
-    # at least min_tokens, repetition penalty.
-    top_k: int | None = Field(None, ge=0, le=1 << 20)
-    ignore_eos: bool | None = None
-    min_tokens: int | None = Field(None, ge=0, le=1 << 20)  # the engine checks it against max_tokens
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    return_token_ids: bool | None = None
+    store: bool | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         """Refuse, naming the parameter, what the engine cannot do rather than silently ignoring it."""
-        if self.n not in (None, 1):
-            raise bad_request("n", f"only n=1 is supported, got {self.n}")
         if self.logit_bias:
             raise bad_request("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options", "is only allowed with stream: true")
-
-    @property
-    def stop_list(self) -> list[str]:
-        """The stop strings as a list, whatever form the request gave them in."""
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if self.response_format is not None and self.response_format.type != "text":  # structured output's hook
+            raise bad_request("response_format", f"type {self.response_format.type!r} is not supported yet")
 
     @property
     def include_usage(self) -> bool:
@@ -88,22 +87,26 @@ class _Sampling(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
     @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far (vLLM's `continuous_usage_stats`)."""
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    @property
     def num_logprobs(self) -> int | None:
         """Alternatives per token that the answer shows; None: no logprobs."""
         raise NotImplementedError
 
     def triton_fields(self, max_tokens: int) -> dict:
-        """The flover model's sampling inputs (the prompt is added by the caller)."""
-        fields = {"max_tokens": max_tokens, "temperature": 1.0 if self.temperature is None else self.temperature,
-                  "top_p": self.top_p or 1.0, "top_k": self.top_k or 0, "ignore_eos": bool(self.ignore_eos),
-                  "stream": True}
-        optional = {"seed": self.seed, "stop": self.stop_list or None, "min_tokens": self.min_tokens,
-                    "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-                    "frequency_penalty": self.frequency_penalty}
-        fields |= {name: value for name, value in optional.items() if value is not None}
-        if self.num_logprobs is not None:  # the number only goes in sampling_parameters, as vLLM's backend takes it
-            fields |= {"return_logprobs": True, "sampling_parameters": json.dumps({"logprobs": self.num_logprobs})}
-        return fields
+        """The flover model's inputs but the prompt: every sampling setting in one `sampling_parameters` JSON
+        (as vllm_backend takes them), streamed, with the outputs the answer needs."""
+        values = self.engine_values() | {"max_tokens": max_tokens}
+        fields = {"stream": True}
+        if self.num_logprobs is not None:
+            values["logprobs"] = self.num_logprobs
+            fields["return_logprobs"] = True
+        if self.continuous_usage:  # the prompt's token count on every response, for the usage on every chunk
+            fields["return_num_input_tokens"] = True
+        return fields | {"sampling_parameters": json.dumps(values)}
 
 
 class CompletionRequest(_Sampling):
@@ -111,8 +114,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = None
-    suffix: str | None = None
+    suffix: str | None = Field(None, max_length=256)  # text after the completion (insertion): only ""
 
     @property
     def num_logprobs(self) -> int | None:
@@ -124,10 +126,8 @@ class CompletionRequest(_Sampling):
         self.check_supported()
         if self.echo and self.logprobs is not None:
             raise bad_request("echo", "with logprobs is not supported: the engine gives no prompt logprobs")
-        if self.best_of not in (None, 1):
-            raise bad_request("best_of", "only best_of=1 is supported")
-        if self.suffix is not None:
-            raise bad_request("suffix", "is not supported")
+        if self.suffix:
+            raise bad_request("suffix", "is not supported (no insertion); only an empty suffix is accepted")
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -241,5 +241,5 @@ class Envelope:
                 "choices": choices, **extra}
 
 
-_FIELD_NAMES = {name for model in (CompletionRequest, ChatCompletionRequest, Message, TextPart, StreamOptions)
-                for name in model.model_fields}
+_FIELD_NAMES = {name for model in (CompletionRequest, ChatCompletionRequest, Message, TextPart, StreamOptions,
+                                   ResponseFormat) for name in model.model_fields}

@@ -12,18 +12,13 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+from flover_backend.admission import AdmissionLimits
 from flover_backend.config import EngineConfig
 from flover_backend.frontends.openai.errors import APIError, from_triton, triton_unavailable
 from flover_backend.triton_env import GRPC_ADMIN_KEY_HEADER
 
-# Input name -> the NumPy dtype model_repository/flover/config.pbtxt declares; the rest are BYTES.
-INPUT_DTYPES = {"input_ids": np.int32, "max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32,
-                "top_p": np.float32, "seed": np.int64, "ignore_eos": np.bool_, "stream": np.bool_,
-                "min_tokens": np.int32, "repetition_penalty": np.float32, "presence_penalty": np.float32,
-                "frequency_penalty": np.float32, "return_logprobs": np.bool_}
-LIST_INPUTS = {"input_ids", "stop"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 # tritonclient's own message limits, and reconnection at most a second apart: after tritonserver restarts
 # (the launcher's watchdog restarts it when a backend dies) the front serves, and says ready, within a
@@ -52,6 +47,7 @@ class ModelInfo:
 
     name: str
     settings: dict[str, str]
+    inputs: dict[str, tuple[type, bool]] = dataclasses.field(default_factory=dict)  # name: (NumPy dtype, is a list)
 
     @property
     def checkpoint(self) -> str:
@@ -63,16 +59,23 @@ class ModelInfo:
         """The served model's max_model_len setting."""
         return int(self.settings.get("max_model_len", _DEFAULTS["max_model_len"]))
 
+    @property
+    def admission(self) -> AdmissionLimits:
+        """The bounds the served model puts on a prompt, checked here before any request is sent."""
+        return AdmissionLimits(self.max_model_len, int(self.settings.get("max_prompt_bytes", 0)))
 
-def triton_inputs(fields: dict) -> list[InferInput]:
-    """Triton inputs for {input name: value}: scalars, strings and lists (input_ids, stop)."""
+
+def triton_inputs(fields: dict, declared: dict[str, tuple[type, bool]]) -> list[InferInput]:
+    """Triton inputs for {input name: value}, typed as the served model declares them (its config, which the
+    model completes from the parameter table): so the front repeats no input's type."""
     inputs = []
     for name, value in fields.items():
-        values = value if name in LIST_INPUTS else [value]
-        if name in INPUT_DTYPES:
-            array = np.array(values, dtype=INPUT_DTYPES[name])
-        else:
+        dtype, is_list = declared[name]
+        values = value if is_list else [value]
+        if dtype == np.object_:
             array = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+        else:
+            array = np.array(values, dtype=dtype)
         tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -117,12 +120,14 @@ class TritonBackend:
             if name not in await self.model_names():
                 return None
             config = await self._call(self._client.get_model_config(name, as_json=True, client_timeout=10.0))
-            parameters = config.get("config", {}).get("parameters", {})
-            self._models[name] = ModelInfo(name, {key: value.get("string_value", "")
-                                                  for key, value in parameters.items()})
+            config = config.get("config", {})
+            settings = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+            inputs = {tensor["name"]: (_numpy_dtype(tensor["data_type"]), [int(d) for d in tensor["dims"]] == [-1])
+                      for tensor in config.get("input", [])}
+            self._models[name] = ModelInfo(name, settings, inputs)
         return self._models[name]
 
-    async def generate(self, model: str, fields: dict, *, request_id: str = "",
+    async def generate(self, model: ModelInfo, fields: dict, *, request_id: str = "",
                        prompt_param: str = "prompt") -> AsyncIterator[Delta]:
         """Stream one request's responses. Closing the iterator early cancels the gRPC call: Triton then
         marks the request cancelled, and the flover model frees its row at the next iteration boundary."""
@@ -130,7 +135,7 @@ class TritonBackend:
 
         async def requests():
             """The one request this stream carries."""
-            yield {"model_name": model, "inputs": triton_inputs(fields), "request_id": request_id}
+            yield {"model_name": model.name, "inputs": triton_inputs(fields, model.inputs), "request_id": request_id}
             await done.wait()  # our half of the stream stays open until the answer is complete
 
         call = self._client.stream_infer(requests())
@@ -139,9 +144,9 @@ class TritonBackend:
             async for result, error in call:
                 if error is not None:
                     finished = True
-                    failure = from_triton(error.message(), model=model, prompt_param=prompt_param)
+                    failure = from_triton(error.message(), model=model.name, prompt_param=prompt_param)
                     if failure.status == 404:
-                        self._models.pop(model, None)
+                        self._models.pop(model.name, None)
                     raise failure
                 delta = _delta(result)
                 finished = delta.finish_reason is not None
@@ -173,13 +178,18 @@ def _delta(result) -> Delta:
     delta = Delta(text=b"".join(text).decode("utf-8") if text is not None else "",
                   token_ids=ids.tolist() if ids is not None else [],
                   logprobs=json.loads(logprobs[0]) if logprobs is not None else None)
+    for name in ("num_input_tokens", "num_output_tokens"):  # on the final response (the first on every one if asked)
+        count = result.as_numpy(name)
+        setattr(delta, name, int(count[0]) if count is not None else 0)
     final = result.get_response().parameters.get("triton_final_response")
     if reason is not None or (final is not None and final.bool_param):
         delta.finish_reason = reason[0].decode() if reason is not None else "stop"
-        for name in ("num_input_tokens", "num_output_tokens", "num_cached_tokens"):
-            count = result.as_numpy(name)
-            setattr(delta, name, int(count[0]) if count is not None else 0)
     return delta
+
+
+def _numpy_dtype(data_type: str) -> type:
+    """The NumPy dtype of a model config's data type ("TYPE_INT32"; "TYPE_STRING" is BYTES on the wire)."""
+    return triton_to_np_dtype(data_type.removeprefix("TYPE_").replace("STRING", "BYTES"))
 
 
 def _grpc_error(exc: Exception) -> APIError:

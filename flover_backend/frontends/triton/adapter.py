@@ -17,8 +17,8 @@ from flover_backend.config import EngineConfig
 from flover_backend.engine.engine import Engine, RequestOutput
 from flover_backend.frontends.triton.logs import configure_logging
 from flover_backend.frontends.triton.metrics import EngineMetrics, refusal_reason
-from flover_backend.frontends.triton.parsing import ParsedRequest, RequestLimits, parse_request
-from flover_backend.frontends.triton.schema import INPUTS
+from flover_backend.frontends.triton.parsing import ParsedRequest, parse_request
+from flover_backend.frontends.triton.schema import INPUTS, OUTPUTS
 from flover_backend.sampling.logprobs import TokenLogprobs, vllm_logprobs
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,19 @@ class _Stream:
 class TritonPythonModel:
     """`execute` hands requests to the engine and returns; a response thread sends what the loop makes."""
 
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """Declare the inputs and outputs (schema.py, from the parameter table) to Triton, as vllm_backend does:
+        config.pbtxt then holds only a deployment's settings, and a new parameter touches no config file."""
+        config = auto_complete_model_config.as_dict()
+        for section, specs, add, optional in (("input", INPUTS, auto_complete_model_config.add_input, True),
+                                              ("output", OUTPUTS, auto_complete_model_config.add_output, False)):
+            declared = {tensor["name"] for tensor in config.get(section, [])}
+            for spec in specs:
+                if spec.name not in declared:
+                    add(spec.as_config(optional))
+        return auto_complete_model_config
+
     def initialize(self, args: dict) -> None:
         """Start the engine with the settings in config.pbtxt `parameters`, and the response thread."""
         model_config = json.loads(args["model_config"])
@@ -62,7 +75,7 @@ class TritonPythonModel:
         configure_logging(settings.pop("log_level", "info"), args["model_instance_name"])
         config = EngineConfig.from_dict(settings)
         self.engine = Engine(config).start()
-        self.limits = RequestLimits(max_prompt_bytes=config.prompt_byte_limit, max_prompt_tokens=config.max_model_len)
+        self.limits = config.admission
         self.metrics = EngineMetrics(pb_utils, {"model": args["model_name"], "instance": args["model_instance_name"]},
                                      config.max_model_len)
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
@@ -84,7 +97,7 @@ class TritonPythonModel:
                 self._refuse(request, sender, exc)
 
     def _admit(self, request, sender) -> None:
-        parsed = parse_request(_inputs(request), self.limits)
+        parsed = parse_request(_inputs(request), self.limits, request.parameters())
         stream = _Stream(f"{self._id_prefix}{next(self._ids)}", sender, parsed)
         self._streams[stream.req_id] = stream  # before the engine can answer, so cancellation is watched
         try:
@@ -184,8 +197,7 @@ class TritonPythonModel:
     def _send_delta(self, stream: _Stream, output: RequestOutput) -> None:
         tensors = _token_tensors(output.new_text, output.new_token_ids)
         tensors += self._logprob_tensors(stream.parsed, output, output.logprobs)
-        if output.finished:
-            tensors += _final_tensors(output)
+        tensors += _status_tensors(stream.parsed, output, len(output.new_token_ids))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.finished else 0
         stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
@@ -197,7 +209,8 @@ class TritonPythonModel:
             return
         prefix = "" if stream.parsed.exclude_input_in_output or stream.parsed.prompt is None else stream.parsed.prompt
         tensors = (_token_tensors(prefix + "".join(stream.text), stream.token_ids)
-                   + self._logprob_tensors(stream.parsed, output, stream.logprobs) + _final_tensors(output))
+                   + self._logprob_tensors(stream.parsed, output, stream.logprobs)
+                   + _status_tensors(stream.parsed, output, len(stream.token_ids)))
         stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -232,11 +245,25 @@ def _token_tensors(text: str, token_ids: list[int]) -> list:
             pb_utils.Tensor("output_ids", np.array(token_ids, dtype=np.int32))]
 
 
-def _final_tensors(output: RequestOutput) -> list:
-    return [pb_utils.Tensor("finish_reason", np.array([output.finish_reason.encode()], dtype=np.object_)),
-            pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], dtype=np.int32)),
-            pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], dtype=np.int32))]
+def _status_tensors(parsed: ParsedRequest, output: RequestOutput, num_new_tokens: int) -> list:
+    """finish_reason and the token counts. A vllm_backend flag set sends its output on every response, with its
+    semantics (finish_reason "None" until the last, num_output_tokens this response's); unset, the final
+    response carries the reason and the totals, as the flover models always did; false, it is left out."""
+    def wanted(flag: bool | None) -> bool:
+        return bool(flag) or (flag is None and output.finished)
+
+    tensors = []
+    if wanted(parsed.return_finish_reason):
+        tensors.append(pb_utils.Tensor("finish_reason", np.array([str(output.finish_reason).encode()],
+                                                                 dtype=np.object_)))
+    if wanted(parsed.return_num_input_tokens):
+        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([output.num_prompt_tokens], dtype=np.int32)))
+    if wanted(parsed.return_num_output_tokens):
+        count = num_new_tokens if parsed.return_num_output_tokens else output.num_output_tokens
+        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([count], dtype=np.int32)))
+    if output.finished:  # prompt tokens whose keys were copied from a cached prefix, not computed
+        tensors.append(pb_utils.Tensor("num_cached_tokens", np.array([output.num_cached_tokens], dtype=np.int32)))
+    return tensors
 
 
 def _send_error(sender, message: str, code) -> None:

@@ -13,28 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from flover_backend.admission import AdmissionLimits, check_admission
 from flover_backend.errors import InvalidRequestError
-from flover_backend.frontends.triton.schema import JSON_INPUT, SAMPLING_INPUTS, TensorSpec
-from flover_backend.sampling.params import (
-    MAX_STOP_STRING_CHARS,
-    MAX_STOP_STRINGS,
-    MAX_STOP_TOKEN_IDS,
-    SamplingParams,
-)
+from flover_backend.frontends.triton.schema import JSON_INPUT, RESPONSE_FLAGS, SAMPLING_INPUTS, TensorSpec
+from flover_backend.param_table import BY_NAME, PARAMS
+from flover_backend.sampling.params import SamplingParams
 
 MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field needs
-# Bytes a stop string may take in UTF-8: each character is at most 4.
-MAX_LIST_LENGTHS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
-MAX_STRING_BYTES = {"stop": 4 * MAX_STOP_STRING_CHARS, JSON_INPUT.name: MAX_JSON_BYTES}
-JSON_ONLY_SCALARS = {"logprobs": int}  # SamplingParams fields that sampling_parameters alone sets (see schema)
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """The bounds that depend on the served engine's settings."""
-
-    max_prompt_bytes: int
-    max_prompt_tokens: int
+# Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): the JSON's scalars convert.
+JSON_SCALARS = {p.name: p.kind for p in PARAMS if not p.is_list}
+# Request parameters that are Triton's own (its parameters extension reserves them, and every "triton_*" key,
+# e.g. the gRPC client's triton_enable_empty_final_response): never sampling settings.
+TRITON_RESERVED = {"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers"}
 
 
 @dataclass
@@ -48,36 +38,47 @@ class ParsedRequest:
     exclude_input_in_output: bool
     return_logprobs: bool = False  # send the `logprobs` output
     return_cumulative_logprob: bool = False  # send the `cumulative_logprob` output
+    # vllm_backend's flags: None (absent) sends finish_reason and the total counts on the final response only.
+    return_finish_reason: bool | None = None
+    return_num_input_tokens: bool | None = None
+    return_num_output_tokens: bool | None = None
 
 
-def parse_request(inputs: dict[str, np.ndarray], limits: RequestLimits) -> ParsedRequest:
-    """Validate the named input arrays of one request (as `as_numpy()` gives them)."""
+def parse_request(inputs: dict[str, np.ndarray], limits: AdmissionLimits, parameters: str = "") -> ParsedRequest:
+    """Validate the named input arrays of one request (as `as_numpy()` gives them), and its Triton request
+    `parameters` (JSON): without a `sampling_parameters` input, vllm_backend takes the settings from there."""
     prompt = None
     if "text_input" in inputs:
-        prompt = _text(inputs, "text_input", limits.max_prompt_bytes)
+        prompt = _text(inputs, "text_input", limits.prompt_byte_limit)
     token_ids = None
     if "input_ids" in inputs:
         ids = _flat(inputs, "input_ids")
-        if ids.size >= limits.max_prompt_tokens:
-            raise InvalidRequestError("input_ids", f"{ids.size} tokens leave no room in max_model_len "
-                                                   f"{limits.max_prompt_tokens}")
+        check_admission(limits, num_prompt_tokens=ids.size, prompt_field="input_ids")
         token_ids = [int(t) for t in ids]
     values: dict[str, Any] = {}
     if JSON_INPUT.name in inputs:
         values |= _sampling_json(_text(inputs, JSON_INPUT.name, MAX_JSON_BYTES))
+    elif parameters not in ("", "{}"):
+        if len(parameters) > MAX_JSON_BYTES:
+            raise InvalidRequestError("parameters", f"longer than {MAX_JSON_BYTES} characters")
+        values |= {key: value for key, value in _sampling_json(parameters, "parameters").items()
+                   if key not in TRITON_RESERVED and not key.startswith("triton_")}
     for spec in SAMPLING_INPUTS:
         if spec.name in inputs:
             values[spec.name] = _list(inputs, spec) if spec.is_list else _scalar(inputs, spec.name, spec.python_type)
-    stream, exclude, return_logprobs, return_cumulative = (
-        _scalar(inputs, name, bool) if name in inputs else default
-        for name, default in (("stream", True), ("exclude_input_in_output", False), ("return_logprobs", False),
-                              ("return_cumulative_logprob", False)))
+    flags = {name: _scalar(inputs, name, bool) for name in RESPONSE_FLAGS if name in inputs}
     # vLLM's `logprobs` in sampling_parameters asks for them too; either flag alone computes the chosen tokens'.
-    return_logprobs = return_logprobs or values.get("logprobs") is not None
-    if (return_logprobs or return_cumulative) and values.get("logprobs") is None:
+    flags["return_logprobs"] = flags.get("return_logprobs", False) or values.get("logprobs") is not None
+    flags.setdefault("return_cumulative_logprob", False)
+    if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and values.get("logprobs") is None:
         values["logprobs"] = 0
-    return ParsedRequest(prompt, token_ids, SamplingParams.from_dict(values), stream, exclude, return_logprobs,
-                         return_cumulative)
+    # As vllm_backend: no `stream` input means one response; the whole text then starts with the prompt.
+    flags.setdefault("stream", False)
+    flags.setdefault("exclude_input_in_output", False)
+    params = SamplingParams.from_dict(values)
+    if token_ids is not None:  # a text prompt's tokens are counted by the engine, which tokenizes it
+        check_admission(limits, num_prompt_tokens=len(token_ids), max_tokens=params.max_tokens, prompt_field="input_ids")
+    return ParsedRequest(prompt, token_ids, params, **flags)
 
 
 def _flat(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -93,11 +94,11 @@ def _text(inputs: dict[str, np.ndarray], name: str, max_bytes: int) -> str:
 
 def _list(inputs: dict[str, np.ndarray], spec: TensorSpec) -> list:
     values = _flat(inputs, spec.name)
-    limit = MAX_LIST_LENGTHS[spec.name]
-    if values.size > limit:
-        raise InvalidRequestError(spec.name, f"at most {limit} values, got {values.size}")
-    if spec.python_type is str:
-        return [_decode(value, spec.name, MAX_STRING_BYTES[spec.name]) for value in values]
+    param = BY_NAME[spec.name]
+    if values.size > param.max_items:
+        raise InvalidRequestError(spec.name, f"at most {param.max_items} values, got {values.size}")
+    if spec.python_type is str:  # bytes bounded before decoding: each character is at most 4 in UTF-8
+        return [_decode(value, spec.name, 4 * param.max_chars) for value in values]
     return [int(value) for value in values]
 
 
@@ -130,18 +131,17 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, kind: type) -> Any:
     return float(value)
 
 
-def _sampling_json(text: str) -> dict[str, Any]:
+def _sampling_json(text: str, name: str = JSON_INPUT.name) -> dict[str, Any]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(JSON_INPUT.name, f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
+        raise InvalidRequestError(name, f"is not valid JSON: {exc.msg} at char {exc.pos}") from None
     except RecursionError:
-        raise InvalidRequestError(JSON_INPUT.name, "is nested too deeply") from None
+        raise InvalidRequestError(name, "is nested too deeply") from None
     if not isinstance(values, dict):
-        raise InvalidRequestError(JSON_INPUT.name, "must be a JSON object")
-    # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): accept those too.
-    scalars = {spec.name: spec.python_type for spec in SAMPLING_INPUTS if not spec.is_list} | JSON_ONLY_SCALARS
-    return {key: _from_string(key, scalars[key], value) if isinstance(value, str) and key in scalars else value
+        raise InvalidRequestError(name, "must be a JSON object")
+    return {key: _from_string(key, JSON_SCALARS[key], value)
+            if isinstance(value, str) and JSON_SCALARS.get(key, str) is not str else value
             for key, value in values.items()}
 
 

@@ -1,11 +1,17 @@
-"""The flover models' Triton inputs and outputs, declared once: parsing, the adapter and a config test read this."""
+"""The flover models' Triton inputs and outputs, declared once: parsing, the adapter and auto_complete_config read this."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Which Python type each Triton data type arrives as, once taken out of its NumPy array.
+import numpy as np
+
+from flover_backend.param_table import PARAMS
+
+# Which Python type each Triton data type arrives as, once taken out of its NumPy array, and its NumPy dtype.
 PYTHON_TYPES = {"TYPE_STRING": str, "TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
+NUMPY_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32,
+               "TYPE_BOOL": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -26,36 +32,32 @@ class TensorSpec:
         """The type of each of its values in Python."""
         return PYTHON_TYPES[self.data_type]
 
+    def as_config(self, optional: bool) -> dict:
+        """This tensor as a config.pbtxt entry (the dict `auto_complete_config` adds)."""
+        return {"name": self.name, "data_type": self.data_type, "dims": list(self.dims)} | (
+            {"optional": True} if optional else {})
+
 
 # Every input is optional. The prompt is text_input or input_ids; the rest set SamplingParams fields of
-# the same name (SAMPLING_INPUTS) or say how to answer (stream, exclude_input_in_output).
+# the same name (SAMPLING_INPUTS, from the parameter table) or say how to answer (RESPONSE_INPUTS).
 PROMPT_INPUTS = (TensorSpec("text_input", "TYPE_STRING", (1,)), TensorSpec("input_ids", "TYPE_INT32", (-1,)))
-SAMPLING_INPUTS = (
-    TensorSpec("max_tokens", "TYPE_INT32", (1,)),
-    TensorSpec("temperature", "TYPE_FP32", (1,)),
-    TensorSpec("top_k", "TYPE_INT32", (1,)),
-    TensorSpec("top_p", "TYPE_FP32", (1,)),
-    TensorSpec("seed", "TYPE_INT64", (1,)),
-    TensorSpec("stop", "TYPE_STRING", (-1,)),
-    TensorSpec("stop_token_ids", "TYPE_INT32", (-1,)),
-    TensorSpec("ignore_eos", "TYPE_BOOL", (1,)),
-    TensorSpec("min_tokens", "TYPE_INT32", (1,)),
-    TensorSpec("repetition_penalty", "TYPE_FP32", (1,)),
-    TensorSpec("presence_penalty", "TYPE_FP32", (1,)),
-    TensorSpec("frequency_penalty", "TYPE_FP32", (1,)),
-)
-# As Triton's vLLM backend: the number of alternatives per token is `logprobs` in sampling_parameters only (a
-# tensor of that name would shadow the output); these flags ask for the outputs of the same names.
-RESPONSE_INPUTS = (TensorSpec("stream", "TYPE_BOOL", (1,)), TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,)),
-                   TensorSpec("return_logprobs", "TYPE_BOOL", (1,)),
-                   TensorSpec("return_cumulative_logprob", "TYPE_BOOL", (1,)))
+SAMPLING_INPUTS = tuple(TensorSpec(p.name, p.triton, (-1,) if p.is_list else (1,)) for p in PARAMS if p.triton)
+# As vllm_backend's: stream (absent: false, one response), exclude_input_in_output, and flags that ask for the
+# outputs of the same names. The number of alternatives per token is `logprobs` in sampling_parameters only (a
+# tensor of that name would shadow the output).
+RESPONSE_FLAGS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+                  "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob")
+RESPONSE_INPUTS = tuple(TensorSpec(name, "TYPE_BOOL", (1,)) for name in RESPONSE_FLAGS)
 JSON_INPUT = TensorSpec("sampling_parameters", "TYPE_STRING", (1,))  # any SamplingParams fields, as JSON
 INPUTS = (*PROMPT_INPUTS, *SAMPLING_INPUTS, *RESPONSE_INPUTS, JSON_INPUT)
 
 OUTPUTS = (
     TensorSpec("text_output", "TYPE_STRING", (-1,)),
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
-    TensorSpec("finish_reason", "TYPE_STRING", (-1,)),  # on the final response only
+    # Without their return_* flag, these three come on the final response only, the count being the total.
+    # With it, on every response as vllm_backend's: finish_reason "None" until the last, num_output_tokens the
+    # tokens of that response.
+    TensorSpec("finish_reason", "TYPE_STRING", (-1,)),
     TensorSpec("num_input_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_output_tokens", "TYPE_INT32", (1,)),
     TensorSpec("num_cached_tokens", "TYPE_INT32", (1,)),  # final: prompt tokens whose keys were reused, not computed
