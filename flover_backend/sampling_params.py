@@ -33,7 +33,8 @@ class SamplingParams:
     frequency_penalty subtracts per time a token was generated, presence_penalty once if it was (OpenAI).
     min_tokens masks eos and the stop token ids, and keeps stop strings from ending the request, until that
     many tokens were generated. logprobs asks for the chosen token's logprob and its `logprobs` most likely
-    alternatives, from the model's raw distribution (before penalties and temperature, as vLLM's default).
+    alternatives, from the model's raw distribution (before penalties and temperature, as vLLM's default);
+    prompt_logprobs the same for every prompt token after the first, given the tokens before it.
     """
 
     max_tokens: int = 16
@@ -49,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the N most likely ones'
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +84,9 @@ class SamplingParams:
             _check(_is_number(value) and -2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.prompt_logprobs!r}")
 
     def is_stop_token(self, token_id: int) -> bool:
         """Whether `token_id` is one of the request's stop tokens (a set look-up, however many there are)."""
