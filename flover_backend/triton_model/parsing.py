@@ -26,7 +26,7 @@ MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field nee
 # Bytes a stop string may take in UTF-8: each character is at most 4.
 MAX_LIST_LENGTHS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS}
 MAX_STRING_BYTES = {"stop": 4 * MAX_STOP_STRING_CHARS, JSON_INPUT.name: MAX_JSON_BYTES}
-JSON_ONLY_SCALARS = {"logprobs": int}  # SamplingParams fields that sampling_parameters alone sets (see schema)
+JSON_ONLY_SCALARS = {"logprobs": int, "prompt_logprobs": int}  # SamplingParams fields that sampling_parameters alone sets (see schema)
 
 
 @dataclass(frozen=True)
