@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-messages", type=int, default=Limits.max_messages)
     parser.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument("--max-prompts", type=int, default=Limits.max_prompts, help="prompts per completions request")
     parser.add_argument("--max-concurrency", type=int, default=1024,
                         help="open connections past this get 503 from the HTTP server")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from flover_backend.openai_front.app import FrontSettings, create_app
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
-                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens)
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens, max_prompts=args.max_prompts)
     admin_key = os.environ.get("FLOVER_ADMIN_KEY") or None
     app = create_app(FrontSettings(args.triton_grpc_url, args.model_path, admin_key, limits))
     # Headers are bounded by h11 itself (its max incomplete event size); bodies by the app (max_body_bytes).
