@@ -125,6 +125,12 @@ def test_echo_logprobs_are_transformers_log_softmax(client, hf, stream, max_toke
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
 
 
+def test_echo_of_token_ids_is_their_text(client, hf):
+    ids = hf[1](PROMPT)["input_ids"]
+    completion = client.completions.create(model="flover", prompt=ids, max_tokens=0, echo=True)
+    assert completion.choices[0].text == hf[1].decode(ids) and completion.usage.completion_tokens == 0
+
+
 def test_triton_prompt_logprobs_output(served, hf):
     ids = hf[1](PROMPT)["input_ids"]
     want = hf_logprobs(hf, ids)
