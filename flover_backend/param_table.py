@@ -137,7 +137,7 @@ PARAMS = (
     # endpoints spell it differently (completions `logprobs`, chat `logprobs` + `top_logprobs`): protocol maps it.
     Param("logprobs", int, None, "the chosen token's logprob and this many alternatives'", low=0, high=MAX_LOGPROBS,
           nullable=True, cli=False),
-    Param("prompt_logprobs", int, None, "the prompt tokens' logprobs (not served yet)", low=0, high=MAX_LOGPROBS,
+    Param("prompt_logprobs", int, None, "each prompt token's logprob after the first, and this many alternatives'", low=0, high=MAX_LOGPROBS,
           nullable=True, cli=False),
     Param("skip_special_tokens", bool, True, "leave special tokens out of the text", openai="skip_special_tokens"),
     Param("spaces_between_special_tokens", bool, True, "vLLM's; the tokenizer's decoder places them",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flover_backend.sampling.params import SamplingParams
+
+if TYPE_CHECKING:  # the scheduler imports this module and no torch
+    from flover_backend.sampling.logprobs import TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -54,6 +58,7 @@ class Request:
     num_prefix_cached_tokens: int = 0  # of those, copied from another row's keys rather than computed
     error: str | None = None
     cumulative_logprob: float = 0.0  # of the tokens generated so far, summed if the request asks for logprobs
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. so far, if asked for
     admitted_time: float | None = None  # given a row
     first_token_time: float | None = None
     last_token_time: float | None = None

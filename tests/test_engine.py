@@ -416,7 +416,7 @@ def test_a_failed_forward_ends_every_request_in_it_even_a_prompt_midway():
                               on_output=lambda o: outputs.setdefault(o.req_id, []).append(o))
     run = engine.runner.run
 
-    def fail_once(plan):
+    def fail_once(*_):
         engine.runner.run = run
         raise RuntimeError("device lost")
 

@@ -59,8 +59,8 @@ def test_engine_triton_json_and_openai_take_the_same_bounds(param):
     others = {"max_tokens": 2**20} if param.name == "min_tokens" else {}  # min_tokens <= max_tokens
     for value in inside:
         value = as_kind(param, value)
-        if param.name in ("n", "best_of") or (param.name == "prompt_logprobs"):
-            continue  # only 1 / not served: checked apart below
+        if param.name in ("n", "best_of"):
+            continue  # only 1: checked apart below
         one = [value] if param.is_list else value
         assert getattr(SamplingParams(**{param.name: one} | others), param.name) == one
         parsed = parse_request({"text_input": _text("x"), "sampling_parameters": _text(json.dumps(
@@ -80,15 +80,16 @@ def test_engine_triton_json_and_openai_take_the_same_bounds(param):
             parse_request({"text_input": _text("x"), "sampling_parameters": _text(json.dumps({param.name: one}))},
                           LIMITS)
         assert refused.value.field == param.name
-        if param.openai:
+        if param.openai:  # chat: completions also take max_tokens 0, with echo (checked apart)
             with pytest.raises(ValidationError) as invalid:
-                CompletionRequest.model_validate({"model": "m", "prompt": "x", param.openai: one})
+                ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                      param.openai: one})
             assert invalid.value.errors()[0]["loc"][0] == param.openai
 
 
-def test_one_only_values_and_prompt_logprobs():
+def test_one_only_values():
     assert SamplingParams(n=1, best_of=1).n == 1
-    for name, value in (("n", 2), ("best_of", 2), ("prompt_logprobs", 1)):
+    for name, value in (("n", 2), ("best_of", 2)):
         with pytest.raises(InvalidRequestError, match=name):
             SamplingParams(**{name: value})
 

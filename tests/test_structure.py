@@ -26,13 +26,14 @@ def module_names() -> list[str]:
 def imported_modules(module: str, known: set[str]) -> set[str]:
     """The modules `module` imports, anywhere in its file (function-level imports too), as dotted names.
 
-    `from a import b` counts as importing `a.b` when that is a module, else `a`.
+    `from a import b` counts as importing `a.b` when that is a module, else `a`; imports under `if TYPE_CHECKING:`
+    do not count.
     """
     path = ROOT / Path(*module.split("."))
     is_package = path.is_dir()
     tree = ast.parse((path / "__init__.py" if is_package else path.with_suffix(".py")).read_text())
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -43,6 +44,16 @@ def imported_modules(module: str, known: set[str]) -> set[str]:
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:`: a type-only import is no dependency at run time."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (child for branch in node.orelse for child in [branch, *_runtime_nodes(branch)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 def import_graph() -> dict[str, set[str]]:

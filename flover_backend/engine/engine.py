@@ -47,6 +47,8 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose keys were copied from another row, not computed
     logprobs: list[TokenLogprobs] | None = None  # one per new token, if the request asked for logprobs
     cumulative_logprob: float | None = None  # of every token so far, if the request asked for logprobs
+    # With its first token, if the request asked for prompt logprobs: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -257,6 +259,8 @@ class Engine:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
                 emitted.append((request, [], "", []))
         elif result is not None:
+            for i, entries in result.prompt_logprobs.items():
+                out.prefill[i].request.prompt_logprobs += entries
             now = time.monotonic()
             for i, request in enumerate(out.scheduled):
                 if i in result.row_errors:
@@ -326,6 +330,8 @@ class Engine:
                                    request.num_prefix_cached_tokens)
             if request.params.logprobs is not None:
                 output.logprobs, output.cumulative_logprob = logprobs, request.cumulative_logprob
+            if request.params.prompt_logprobs is not None and new_token_ids and request.num_output_tokens == 1:
+                output.prompt_logprobs = request.prompt_logprobs
             callback = self._callbacks[request.req_id]
             if finished:
                 del self._callbacks[request.req_id]

@@ -10,7 +10,7 @@ import torch
 
 from flover_backend.config import EngineConfig
 from flover_backend.execution.decode_graphs import DecodeGraphs
-from flover_backend.execution.iteration import SchedulerOutput
+from flover_backend.execution.iteration import PrefillChunk, SchedulerOutput
 from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 from flover_backend.execution.models import eos_token_ids
@@ -23,7 +23,7 @@ from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
 from flover_backend.native import small_gemm as native_small_gemm
 from flover_backend.paths import kernels_dir
-from flover_backend.sampling.logprobs import TokenLogprobs
+from flover_backend.sampling.logprobs import TokenLogprobs, prompt_logprobs
 from flover_backend.sampling.sampler import Sampler
 
 # Forwards that write prompts are padded to a multiple of this many positions (eagerly the whole forward, with
@@ -76,6 +76,8 @@ class StepResult:
     moved_bytes: int
     timings: StepTimings
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # index -> its token's, if it asked
+    # prompt chunk index -> its prompt tokens' logprobs (each token given those before it), if its request asked
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
     failure: str | None = None  # the forward itself failed: every request in it ends with this error
 
 
@@ -170,28 +172,39 @@ class ModelRunner:
         try:
             if self.workers is not None:
                 self.workers.broadcast(plan)
-            hidden, moved_bytes, timings = self.run(plan)
+            # Every position's hidden state is kept only for the chunks whose request asked for prompt logprobs.
+            kept = {i: None for i, chunk in enumerate(out.prefill) if chunk.request.params.prompt_logprobs is not None}
+            hidden, moved_bytes, timings = self.run(plan, kept)
         except Exception:
             if self.workers is not None:
                 self.workers.check(grace_s=5.0)  # a collective that failed because a rank died: say so
             raise
-        if hidden is None:  # only prompt chunks that end no prompt: nothing to sample
-            return StepResult([], {}, moved_bytes, timings)
         with torch.inference_mode():
+            chunk_logprobs = {i: self._prompt_logprobs(out.prefill[i], states) for i, states in kept.items()}
+            if hidden is None:  # only prompt chunks that end no prompt: nothing to sample
+                return StepResult([], {}, moved_bytes, timings, prompt_logprobs=chunk_logprobs)
             sampled = self.sampler(self.model.compute_logits(hidden), out.scheduled)
-        return StepResult(sampled.token_ids, sampled.errors, moved_bytes, timings, sampled.logprobs)
+        return StepResult(sampled.token_ids, sampled.errors, moved_bytes, timings, sampled.logprobs, chunk_logprobs)
+
+    def _prompt_logprobs(self, chunk: PrefillChunk, states: torch.Tensor) -> list[TokenLogprobs]:
+        """The logprobs of the prompt tokens that the chunk's positions predict: [start + 1, end], within the prompt."""
+        targets = chunk.request.prompt_token_ids[chunk.start + 1:chunk.end + 1]
+        return prompt_logprobs(self.model.compute_logits, states, targets, chunk.request.params.prompt_logprobs)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, int, StepTimings]:
+    def run(self, plan: StepPlan, kept: dict[int, torch.Tensor | None] | None = None
+            ) -> tuple[torch.Tensor | None, int, StepTimings]:
         """Compact, decode, prefill: the hidden states to sample from (decode rows first, then the chunks that
-        end a prompt; None if there are none), bytes moved, timings."""
+        end a prompt; None if there are none), bytes moved, timings. `kept`'s keys name prompt chunks (indices)
+        whose every position's hidden state the caller wants: each value becomes that chunk's (len, hidden)."""
+        kept = {} if kept is None else kept
         timings = StepTimings()
         start = time.perf_counter()
         moved_bytes = self.arena.apply_moves(plan.moves)
         self.arena.apply_moves(plan.prefix_copies)  # timed with compaction: the same kind of copy
         timings.compaction = self._synced_clock() - start
         if self.decode_graphs is None:
-            hidden = self._fused(plan)
+            hidden = self._fused(plan, kept)
             timings.decode = self._synced_clock() - start - timings.compaction
             return hidden, moved_bytes, timings
         # CUDA graphs capture the decode step alone, so prompt chunks get forwards of their own.
@@ -200,7 +213,7 @@ class ModelRunner:
             states.append(self._decode(plan))
         timings.decode = self._synced_clock() - start - timings.compaction
         if plan.prefill_rows:
-            last_states = self._prefill(plan)
+            last_states = self._prefill(plan, kept)
             if len(last_states):
                 states.append(last_states)
         timings.prefill = self._synced_clock() - start - timings.compaction - timings.decode
@@ -212,7 +225,7 @@ class ModelRunner:
             self.workers.close()
             self.workers = None
 
-    def _fused(self, plan: StepPlan) -> torch.Tensor | None:
+    def _fused(self, plan: StepPlan, kept: dict[int, torch.Tensor | None]) -> torch.Tensor | None:
         """One forward over every token of the iteration, the decode rows' and each prompt chunk's end to end,
         so the weights are read once: the hidden states to sample from, as `run` returns them."""
         parts, token_ids = [], []
@@ -223,9 +236,11 @@ class ModelRunner:
                                              host[1], self.attention_kernel))
             token_ids += decode_ids
         ends_prompt = []  # where each chunk that ends its prompt has its last token
+        begins = []  # where each chunk's first token is
         for row, chunk, start, is_last in zip(plan.prefill_rows, plan.prefill_token_ids, plan.prefill_starts,
                                               plan.prefill_last):
             parts.append(ForwardBatch.prefill(slice(row, row + 1), [len(chunk)], self.device, [start]))
+            begins.append(len(token_ids))
             token_ids += chunk
             if is_last:
                 ends_prompt.append(len(token_ids) - 1)
@@ -233,6 +248,8 @@ class ModelRunner:
         num_tokens = _aligned(len(token_ids)) if plan.prefill_rows else len(token_ids)
         input_ids = torch.tensor(token_ids + [0] * (num_tokens - len(token_ids)), device=self.device)[None]
         hidden = self.model(input_ids, ForwardBatch.fused(parts, num_tokens), self.arena)[0]  # (N, hidden)
+        for chunk in kept:
+            kept[chunk] = hidden[begins[chunk]:begins[chunk] + len(plan.prefill_token_ids[chunk])]
         states = []
         if plan.decode_rows:
             states.append(self._decoding_rows(plan, hidden[:plan.decode_span]))
@@ -262,20 +279,25 @@ class ModelRunner:
         """The decode step replayed from its CUDA graph: each decoding request's next-token hidden state."""
         return self._decoding_rows(plan, self.decode_graphs(*self._decode_inputs(plan)))
 
-    def _prefill(self, plan: StepPlan) -> torch.Tensor:
+    def _prefill(self, plan: StepPlan, kept: dict[int, torch.Tensor | None]) -> torch.Tensor:
         """Write this iteration's prompt chunks into their rows; the last hidden state of each chunk that ends
-        its prompt, in plan order. A few first chunks replay prefill graphs; the rest share eager forwards."""
+        its prompt, in plan order (and every state of the `kept` chunks into it). A few first chunks replay
+        prefill graphs; the rest share eager forwards."""
         last_states: dict[int, torch.Tensor] = {}
         graphed = self._graphed_chunks(plan)
         for chunk in graphed:
-            state = self.prefill_graphs(plan.prefill_rows[chunk], plan.prefill_token_ids[chunk])
+            states = self.prefill_graphs(plan.prefill_rows[chunk], plan.prefill_token_ids[chunk], every=chunk in kept)
+            if chunk in kept:
+                kept[chunk] = states
             if plan.prefill_last[chunk]:
-                last_states[chunk] = state
+                last_states[chunk] = states[-1]
         eager = [chunk for chunk in range(len(plan.prefill_rows)) if chunk not in graphed]
         for group in prefill_groups([len(plan.prefill_token_ids[chunk]) for chunk in eager]):
             group = [eager[i] for i in group]
             hidden, last_index = self._prefill_forward(plan, group)
             for position, chunk in enumerate(group):
+                if chunk in kept:
+                    kept[chunk] = hidden[position, :len(plan.prefill_token_ids[chunk])]
                 if plan.prefill_last[chunk]:
                     last_states[chunk] = hidden[position, last_index[position]]
         if not last_states:

@@ -63,8 +63,9 @@ class PrefillGraphs:
             for width in self.widths:
                 self(free_row, [0] * width)
 
-    def __call__(self, row: int, token_ids: list[int]) -> torch.Tensor:
-        """Write the chunk's keys into `row` from position 0; the (hidden,) state of its last token."""
+    def __call__(self, row: int, token_ids: list[int], every: bool = False) -> torch.Tensor:
+        """Write the chunk's keys into `row` from position 0; the (1, hidden) state of its last token, or with
+        `every` the (len, hidden) states of all its tokens."""
         width = next(size for size in self.widths if size >= len(token_ids))
         self.input_ids[0, :width].copy_(torch.tensor(token_ids + [0] * (width - len(token_ids))))
         self.row.fill_(row)
@@ -82,7 +83,7 @@ class PrefillGraphs:
         else:
             output = self._forward(width)
         # The next replay of this width overwrites its output: the state is copied out now.
-        return output[0, len(token_ids) - 1].clone()
+        return output[0, 0 if every else len(token_ids) - 1:len(token_ids)].clone()
 
     def _forward(self, width: int) -> torch.Tensor:
         """The prefill forward of the static inputs' first `width` tokens into the static row; only device work."""

@@ -6,9 +6,14 @@ top-p: vLLM's default (`logprobs_mode="raw_logprobs"`), so a token's logprob doe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# Prompt positions whose logits exist at once: a chunk's logits are positions x vocab floats, so a long chunk
+# (thousands of positions, a 128k vocabulary) goes through the LM head in slices of this many.
+PROMPT_LOGITS_SLICE = 256
 
 
 @dataclass
@@ -40,6 +45,18 @@ def token_logprobs(logits: torch.Tensor, rows: list[int], token_ids: list[int],
     return [TokenLogprobs(token_id, row[0], int(row[1]), [int(t) for t in row[2 + width:2 + width + n]],
                           row[2:2 + n])
             for token_id, n, row in zip(token_ids, num_top, packed)]
+
+
+def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor,
+                    targets: list[int], num_top: int) -> list[TokenLogprobs]:
+    """Each target prompt token's logprob given the tokens before it: `states` (>= len(targets), hidden) are the
+    hidden states of the positions just before them; the LM head runs on those rows only, a slice at a time."""
+    entries: list[TokenLogprobs] = []
+    for begin in range(0, len(targets), PROMPT_LOGITS_SLICE):
+        part = targets[begin:begin + PROMPT_LOGITS_SLICE]
+        logits = compute_logits(states[begin:begin + len(part)])
+        entries += token_logprobs(logits, list(range(len(part))), part, [num_top] * len(part))
+    return entries
 
 
 def vllm_logprobs(entries: list[TokenLogprobs], decode) -> list[dict[str, dict]]:

@@ -46,7 +46,6 @@ class _SamplingParamsBase:
         # What one parameter's bounds cannot say alone.
         _check(self.min_tokens <= self.max_tokens, "min_tokens",
                f"must be <= max_tokens = {self.max_tokens}, got {self.min_tokens!r}")
-        _check(self.prompt_logprobs is None, "prompt_logprobs", "is not served yet")
         _check(self.detokenize or not self.stop, "detokenize", "false leaves no text to find stop strings in")
         self._stop_token_set = frozenset(self.stop_token_ids)
 

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-messages", type=int, default=Limits.max_messages)
     parser.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument("--max-prompts", type=int, default=Limits.max_prompts, help="prompts per completions request")
     parser.add_argument("--max-concurrency", type=int, default=1024,
                         help="open connections past this get 503 from the HTTP server")
     parser.add_argument("--header-timeout", type=float, default=10.0,
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from flover_backend.frontends.openai.http_protocol import bounded_h11
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
-                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens)
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
+                    max_prompts=args.max_prompts)
     admin_key = os.environ.get("FLOVER_ADMIN_KEY") or None
     app = create_app(FrontSettings(args.triton_grpc_url, args.model_path, admin_key, limits,
                                    special_tokens_in_messages=args.special_tokens_in_messages,

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from tokenizers import Tokenizer
 
 from flover_backend.admission import check_admission
 from flover_backend.errors import InvalidRequestError
@@ -68,6 +69,33 @@ class ChatTemplates:
                 self._templates[spec] = await asyncio.to_thread(_load_template, info.name, spec)
         return self._templates[spec]
 
+    async def tokenizer(self, info: ModelInfo) -> Tokenizer:
+        """The tokenizer of the model's checkpoint (`tokenizer.json`), read once; to echo a prompt's tokens."""
+        tokenizer = (await self.get(info)).tokenizer
+        if tokenizer is None:
+            raise bad_request("echo", f"model {info.name!r}: its checkpoint has no tokenizer.json to echo "
+                                      f"the prompt's tokens with")
+        return tokenizer
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A completion prompt as sent to the engine, with its echoed text and, with prompt logprobs, its first
+    token's text (which has no logprob)."""
+
+    text: str
+    prompt: str | list[int]
+    first_token: str = ""
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, prompt: str | list[int], with_logprobs: bool) -> Echo:
+        """The prompt as token ids if its logprobs are shown (the front then knows its first token), else as given.
+        Ids are tokenized as the engine tokenizes text (special tokens added)."""
+        ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) and with_logprobs else prompt
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
+        first = tokenizer.decode(ids[:1], skip_special_tokens=False) if with_logprobs else ""
+        return cls(text, ids, first)
+
 
 def _load_template(model: str, spec: str) -> ChatTemplate:
     # The model server has written a built-in checkpoint by the time it serves; the front only reads it.
@@ -105,22 +133,33 @@ class Front:
         return JSONResponse(self._model_card(name))
 
     async def completions(self, request: Request) -> Response:
-        """`/v1/completions`, streamed or not."""
+        """`/v1/completions`, streamed or not: each prompt is a request of the engine's and a choice of the answer."""
         body = parse(CompletionRequest, await self._body(request))
-        prompt = body.check(self.limits)
+        prompts = body.check(self.limits)
         info = await self._model(body.model)
-        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        if isinstance(prompt, str):  # its tokens are counted where it is tokenized, by the engine
-            admit(info, "prompt", num_prompt_bytes=len(prompt.encode("utf-8", "replace")))
-        else:
-            admit(info, "prompt", num_prompt_tokens=len(prompt), max_tokens=max_tokens)
+        # max_tokens 0 (echo only): the engine makes one token, which nobody sees.
+        max_tokens = 1 if body.max_tokens == 0 else body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        for prompt in prompts:  # a text prompt's tokens are counted where it is tokenized, by the engine
+            if isinstance(prompt, str):
+                admit(info, "prompt", num_prompt_bytes=len(prompt.encode("utf-8", "replace")))
+            else:
+                admit(info, "prompt", num_prompt_tokens=len(prompt), max_tokens=max_tokens)
         fields = body.triton_fields(max_tokens)
-        fields["text_input" if isinstance(prompt, str) else "input_ids"] = prompt
-        answer = generation.Answer(Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", info.name), chat=False,
-                                   include_usage=body.include_usage, return_token_ids=bool(body.return_token_ids),
-                                   echo=prompt if body.echo else "", num_logprobs=body.num_logprobs,
-                                   continuous_usage=body.continuous_usage)
-        return await self._answer(request, info, answer, fields, stream=bool(body.stream), prompt_param="prompt")
+        echoes = [Echo(prompt if isinstance(prompt, str) else "", prompt) for prompt in prompts]
+        if body.echo and (body.prompt_logprobs or any(not isinstance(prompt, str) for prompt in prompts)):
+            tokenizer = await self.templates.tokenizer(info)
+            echoes = await asyncio.to_thread(lambda: [Echo.of(tokenizer, prompt, body.prompt_logprobs)
+                                                      for prompt in prompts])
+        envelope = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", info.name)
+        answers = [generation.Answer(envelope, chat=False, include_usage=body.include_usage,
+                                     return_token_ids=bool(body.return_token_ids), echo=echo.text if body.echo else "",
+                                     num_logprobs=body.num_logprobs, continuous_usage=body.continuous_usage,
+                                     index=index, first_token=echo.first_token)
+                   for index, echo in enumerate(echoes)]
+        inputs = [fields | {"text_input" if isinstance(echo.prompt, str) else "input_ids": echo.prompt}
+                  for echo in echoes]
+        return await self._answer(request, info, answers, inputs, stream=bool(body.stream), prompt_param="prompt",
+                                  generated=body.max_tokens != 0)
 
     async def chat_completions(self, request: Request) -> Response:
         """`/v1/chat/completions`, streamed or not."""
@@ -143,14 +182,21 @@ class Front:
                                    continuous_usage=body.continuous_usage)
         if body.stream:
             answer.envelope.object = "chat.completion.chunk"
-        return await self._answer(request, info, answer, fields, stream=bool(body.stream), prompt_param="messages")
+        return await self._answer(request, info, [answer], [fields], stream=bool(body.stream), prompt_param="messages")
 
-    async def _answer(self, request: Request, info: ModelInfo, answer: generation.Answer, fields: dict, *,
-                      stream: bool, prompt_param: str) -> Response:
-        deltas = self.backend.generate(info, fields, request_id=answer.envelope.id, prompt_param=prompt_param)
+    async def _answer(self, request: Request, info: ModelInfo, answers: list[generation.Answer], inputs: list[dict],
+                      *, stream: bool, prompt_param: str, generated: bool = True) -> Response:
+        """One Triton stream per prompt (`inputs[i]` answered by `answers[i]`); without `generated`, only the
+        echoed prompts are shown."""
+        envelope = answers[0].envelope
+        streams = [self.backend.generate(info, fields, prompt_param=prompt_param,
+                                         request_id=envelope.id if len(inputs) == 1 else f"{envelope.id}-{index}")
+                   for index, fields in enumerate(inputs)]
+        if not generated:
+            streams = [generation.prompt_only(deltas) for deltas in streams]
         if stream:
-            return await generation.streamed(request, answer, deltas)
-        return await generation.whole(request, answer, deltas)
+            return await generation.streamed(request, answers, streams)
+        return await generation.whole(request, answers, streams)
 
     async def _model(self, name: str) -> ModelInfo:
         info = await self.backend.model_info(name)

@@ -23,6 +23,14 @@ def completion_logprobs(steps: list[dict], text_offset: int) -> tuple[dict, int]
     return shaped, text_offset
 
 
+def prompt_completion_logprobs(first_token: str, steps: list[dict], text_offset: int) -> tuple[dict, int]:
+    """`/v1/completions`' shape for an echoed prompt: its first token (text `first_token`) has no logprob (null,
+    as OpenAI's), the others have theirs (`steps`, from the second token on); and where the next text starts."""
+    rest, end = completion_logprobs(steps, text_offset + len(first_token))
+    return {"tokens": [first_token, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [text_offset, *rest["text_offset"]]}, end
+
+
 def chat_logprobs(steps: list[dict], num_top: int) -> dict:
     """`/v1/chat/completions`' shape for these tokens, each with its `num_top` most likely tokens, most likely first."""
     content = []

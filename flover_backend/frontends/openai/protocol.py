@@ -27,6 +27,7 @@ class Limits:
     max_messages: int = 256  # chat messages per request
     max_prompt_chars: int = 1 << 19  # a text prompt, or all message contents together
     max_prompt_tokens: int = 1 << 16  # a prompt given as token ids
+    max_prompts: int = 64  # prompts in one completions request: each is a request of the engine's
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -110,8 +111,10 @@ class _Sampling(TableFields, _Strict):
 
 
 class CompletionRequest(_Sampling):
-    """A `/v1/completions` request: one prompt, as text or token ids."""
+    """A `/v1/completions` request: one prompt or several, each as text or token ids."""
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    # 0 only with echo: the prompt (and with logprobs, its logprobs) back, nothing generated, as vLLM allows.
+    max_tokens: int | None = Field(None, ge=0, le=1 << 20)
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = Field(None, max_length=256)  # text after the completion (insertion): only ""
@@ -121,27 +124,39 @@ class CompletionRequest(_Sampling):
         """How many alternatives per token the answer carries logprobs for; None: no logprobs."""
         return self.logprobs
 
-    def check(self, limits: Limits) -> str | list[int]:
-        """Check the request; return its one prompt, text or token ids."""
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the answer carries the prompt's logprobs: `echo` with `logprobs`, as OpenAI's legacy API."""
+        return bool(self.echo) and self.logprobs is not None
+
+    def check(self, limits: Limits) -> list[str | list[int]]:
+        """Check the request; return its prompts (at most `limits.max_prompts`), each text or token ids."""
         self.check_supported()
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo", "with logprobs is not supported: the engine gives no prompt logprobs")
         if self.suffix:
             raise bad_request("suffix", "is not supported (no insertion); only an empty suffix is accepted")
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise bad_request("prompt", f"one prompt per request is supported, got {len(prompt)}")
-            prompt = prompt[0]
-        if not prompt:
-            raise bad_request("prompt", "must not be empty")
-        if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
-            raise bad_request("prompt", f"is {len(prompt)} characters; at most {limits.max_prompt_chars}")
-        if isinstance(prompt, list) and len(prompt) > limits.max_prompt_tokens:
-            raise bad_request("prompt", f"is {len(prompt)} token ids; at most {limits.max_prompt_tokens}")
-        if self.echo and not isinstance(prompt, str):
-            raise bad_request("echo", "needs a text prompt")
-        return prompt
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens", "0 is only allowed with echo: true")
+        prompts = self.prompt
+        if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
+            prompts = [prompts]
+        if len(prompts) > limits.max_prompts:
+            raise bad_request("prompt", f"{len(prompts)} prompts; at most {limits.max_prompts} per request")
+        for prompt in prompts:
+            if not prompt:
+                raise bad_request("prompt", "must not be empty")
+            if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
+                raise bad_request("prompt", f"is {len(prompt)} characters; at most {limits.max_prompt_chars}")
+            if isinstance(prompt, list) and len(prompt) > limits.max_prompt_tokens:
+                raise bad_request("prompt", f"is {len(prompt)} token ids; at most {limits.max_prompt_tokens}")
+        return prompts
+
+    def triton_fields(self, max_tokens: int) -> dict:
+        """The flover model's sampling inputs, with `prompt_logprobs` in sampling_parameters if echo asks."""
+        fields = super().triton_fields(max_tokens)
+        if self.prompt_logprobs:
+            extra = json.loads(fields["sampling_parameters"])
+            fields["sampling_parameters"] = json.dumps(extra | {"prompt_logprobs": self.logprobs})
+        return fields
 
 
 class TextPart(_Strict):

@@ -35,6 +35,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[dict] | None = None  # per token {token id: {logprob, rank, decoded_token}}, if asked for
+    prompt_logprobs: list[dict] | None = None  # the same per prompt token from the second, with the first token
     finish_reason: str | None = None
     num_input_tokens: int = 0
     num_output_tokens: int = 0
@@ -175,10 +176,14 @@ def _delta(result) -> Delta:
     ids = result.as_numpy("output_ids")
     reason = result.as_numpy("finish_reason")
     logprobs = result.as_numpy("logprobs")
+    prompt_logprobs = result.as_numpy("prompt_logprobs")
     delta = Delta(text=b"".join(text).decode("utf-8") if text is not None else "",
                   token_ids=ids.tolist() if ids is not None else [],
-                  logprobs=json.loads(logprobs[0]) if logprobs is not None else None)
-    for name in ("num_input_tokens", "num_output_tokens"):  # on the final response (the first on every one if asked)
+                  logprobs=json.loads(logprobs[0]) if logprobs is not None else None,
+                  # vLLM's shape starts with null (the first prompt token has no logprob): the steps after it
+                  prompt_logprobs=json.loads(prompt_logprobs[0])[1:] if prompt_logprobs is not None else None)
+    # On the final response (the first two on every one if asked).
+    for name in ("num_input_tokens", "num_output_tokens", "num_cached_tokens"):
         count = result.as_numpy(name)
         setattr(delta, name, int(count[0]) if count is not None else 0)
     final = result.get_response().parameters.get("triton_final_response")

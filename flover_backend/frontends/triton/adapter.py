@@ -46,6 +46,7 @@ class _Stream:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None  # kept for the one response of a request not streamed
     cancel_sent: bool = False
 
 
@@ -197,6 +198,7 @@ class TritonPythonModel:
     def _send_delta(self, stream: _Stream, output: RequestOutput) -> None:
         tensors = _token_tensors(output.new_text, output.new_token_ids)
         tensors += self._logprob_tensors(stream.parsed, output, output.logprobs)
+        tensors += self._prompt_logprob_tensors(output.prompt_logprobs)
         tensors += _status_tensors(stream.parsed, output, len(output.new_token_ids))
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.finished else 0
         stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
@@ -205,11 +207,14 @@ class TritonPythonModel:
         stream.text.append(output.new_text)
         stream.token_ids.extend(output.new_token_ids)
         stream.logprobs.extend(output.logprobs or [])
+        if output.prompt_logprobs is not None:
+            stream.prompt_logprobs = output.prompt_logprobs
         if not output.finished:
             return
         prefix = "" if stream.parsed.exclude_input_in_output or stream.parsed.prompt is None else stream.parsed.prompt
         tensors = (_token_tensors(prefix + "".join(stream.text), stream.token_ids)
                    + self._logprob_tensors(stream.parsed, output, stream.logprobs)
+                   + self._prompt_logprob_tensors(stream.prompt_logprobs)
                    + _status_tensors(stream.parsed, output, len(stream.token_ids)))
         stream.sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -224,6 +229,14 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("cumulative_logprob",
                                            np.array([output.cumulative_logprob], dtype=np.float32)))
         return tensors
+
+    def _prompt_logprob_tensors(self, entries: list[TokenLogprobs] | None) -> list:
+        """The `prompt_logprobs` output (JSON, vLLM's shape: null for the first prompt token), if these are the
+        request's prompt logprobs."""
+        if entries is None:
+            return []
+        shaped = [None, *vllm_logprobs(entries, self._decode_each)]
+        return [pb_utils.Tensor("prompt_logprobs", np.array([json.dumps(shaped).encode()], dtype=np.object_))]
 
     def _decode_each(self, token_ids: list[int]) -> list[str]:
         """Each token's own text, special tokens included (on this thread, not the loop's)."""

@@ -65,4 +65,7 @@ OUTPUTS = (
     # JSON in vLLM's shape, [{"<token id>": {"logprob", "rank", "decoded_token"}, ...} per token], chosen first.
     TensorSpec("logprobs", "TYPE_STRING", (-1,)),
     TensorSpec("cumulative_logprob", "TYPE_FP32", (-1,)),  # if asked for: the sum over every token so far
+    # If `prompt_logprobs` is in sampling_parameters, with the first token: JSON in vLLM's shape, one entry per
+    # prompt token, null for the first (nothing precedes it), then {"<token id>": {...}} with the prompt's first.
+    TensorSpec("prompt_logprobs", "TYPE_STRING", (-1,)),
 )
