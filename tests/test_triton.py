@@ -468,16 +468,17 @@ def test_arena_gauges_and_compaction_follow_the_rows(server):
     # Every gauge reaches its idle value (the arena empty, the compaction counted)...
     page = wait_for(settled)
     assert page
-    # ...and when the short one left, the long one held its prompt and 4 of its 5 tokens so far.
+    # ...and when the short one left, its row was kept for prefix reuse and moved out of the live span first (its
+    # 3 prompt tokens and 4 of its 5 tokens), then the long one moved down, holding its prompt and 4 tokens so far.
     assert metric(server, "flover_compaction_bytes_total", model, page=page) - moved == (
-        (len(long_ids) + 4) * bytes_per_position)
+        (3 + 4 + len(long_ids) + 4) * bytes_per_position)
 
 
 def test_finished_requests_are_logged_without_their_prompts(server):
     probe = "a prompt that must stay out of the log"
     list(stream_grpc(server.grpc_url, "flover", text_input=probe, max_tokens=19, ignore_eos=True))
     line = re.compile(r" INFO flover_\S+ flover_backend\.engine\.engine: finished flover_\S+: finish_reason=length "
-                      r"prompt_tokens=\d+ output_tokens=19 queue_time=")
+                      r"prompt_tokens=\d+ output_tokens=19 cached_tokens=\d+ queue_time=")
     assert wait_for(lambda: line.search(server.log_path.read_text(errors="replace")))
     log = server.log_path.read_text(errors="replace")
     assert probe not in log
