@@ -19,6 +19,7 @@ from flover_backend.config import EngineConfig
 from flover_backend.engine_stats import EngineStats, FinishedRecord, IterationRecord
 from flover_backend.engine_thread import EngineThread, run_into
 from flover_backend.errors import EngineBusyError, EngineDeadError, InvalidRequestError
+from flover_backend.grammar import GrammarCompiler
 from flover_backend.logprobs import TokenLogprobs
 from flover_backend.model_runner import ModelRunner, StepResult, StepTimings
 from flover_backend.models import eos_token_ids
@@ -82,6 +83,7 @@ class Engine:
         self.vocab_size = model_config.vocab_size
         self.scheduler = Scheduler(config)
         self.outputs = OutputProcessor(self.tokenizer, eos_token_ids(model_config))
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids(model_config))
         arena, world = self.runner.arena, config.tensor_parallel_size
         self._kv_bytes_per_position = arena.bytes_per_position * world  # each rank holds 1/world of the heads
         self.stats = EngineStats(num_rows=config.max_num_seqs, kv_bytes_allocated=arena.nbytes * world)
@@ -120,8 +122,10 @@ class Engine:
             raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
                                                     f"({params.max_tokens}) exceeds max_model_len "
                                                     f"{self.config.max_model_len}")
+        # Compiled here, on the caller's thread: the loop only ever steps guides that are ready.
+        guide = self.grammars.compile(params.guided) if params.guided is not None else None
         request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params,
-                          arrival_time=arrival_time)
+                          arrival_time=arrival_time, guide=guide)
         with self._lock:
             if self._stopping:
                 raise EngineDeadError("the engine is stopped")

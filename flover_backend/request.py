@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flover_backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from flover_backend.grammar import Guide
 
 
 class RequestStatus(enum.IntEnum):
@@ -57,6 +61,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None  # its final output handed to the caller
+    guide: Guide | None = None  # the grammar its output follows (structured output), advanced token by token
 
     @property
     def num_prompt_tokens(self) -> int:

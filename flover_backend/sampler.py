@@ -1,5 +1,5 @@
-"""Token selection for a whole batch: greedy rows by argmax, sampled rows in one batched pass; penalties and
-logprobs for the rows that ask for them."""
+"""Token selection for a whole batch: greedy rows by argmax, sampled rows in one batched pass; penalties,
+grammars (structured output) and logprobs for the rows that ask for them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from flover_backend.grammar import apply_guides
 from flover_backend.logprobs import TokenLogprobs, token_logprobs
 from flover_backend.native.sampling import SamplingKernel
 from flover_backend.penalties import TokenCounts, apply_penalties, mask_stop_tokens, min_tokens_blocked
@@ -28,8 +29,9 @@ class SamplerOutput:
 
 class Sampler:
     """Picks each row's next token; a sampled request draws its noise from its own generator, so its tokens
-    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties or
-    short of their min_tokens draw (greedy ones too) from their own adjusted copy of their logits."""
+    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties, short
+    of their min_tokens or following a grammar draw (greedy ones too) from their own adjusted copy of their
+    logits, whichever pass then picks the token (argmax, torch's, or the native kernel's)."""
 
     def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset(),
                  kernel: SamplingKernel | None = None):
@@ -43,19 +45,22 @@ class Sampler:
         """Next token id for each row of `logits` (N, vocab), row i belonging to requests[i]. A row whose
         logits are not finite fails alone: it is named in `errors` and every other row gets its token."""
         out = SamplerOutput([0] * len(requests))
-        adjusted_rows = [i for i, r in enumerate(requests)
-                         if r.params.has_penalties or min_tokens_blocked(r, self.eos_token_ids)]
+        adjusted_rows = [i for i, r in enumerate(requests) if r.params.has_penalties or r.guide is not None
+                         or min_tokens_blocked(r, self.eos_token_ids)]
         adjusted = None
         if adjusted_rows:
-            adjusted = self._adjusted(logits, adjusted_rows, [requests[i] for i in adjusted_rows])
+            adjusted, dead = self._adjusted(logits, adjusted_rows, [requests[i] for i in adjusted_rows])
+            for k in dead:
+                out.errors[adjusted_rows[k]] = "cannot pick a token: the grammar allows none (the vocabulary cannot " \
+                                               "spell what it needs next)"
         at = {row: k for k, row in enumerate(adjusted_rows)}  # row -> its row of `adjusted`
         greedy = [i for i, request in enumerate(requests) if request.params.greedy and i not in at]
         if greedy:
             self._take_argmax(logits, greedy, greedy, out)
-        adjusted_greedy = [i for i in adjusted_rows if requests[i].params.greedy]
+        adjusted_greedy = [i for i in adjusted_rows if requests[i].params.greedy and i not in out.errors]
         if adjusted_greedy:
             self._take_argmax(adjusted, [at[i] for i in adjusted_greedy], adjusted_greedy, out)
-        sampled = [i for i, request in enumerate(requests) if not request.params.greedy]
+        sampled = [i for i, request in enumerate(requests) if not request.params.greedy and i not in out.errors]
         if sampled:
             self._sample(_sampled_logits(logits, sampled, adjusted, at), [requests[i] for i in sampled], sampled,
                          out)
@@ -72,9 +77,11 @@ class Sampler:
         if self._token_counts is not None:
             self._token_counts.release(req_id)
 
-    def _adjusted(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
-        """A float32 copy of `rows` of `logits` (requests[i] owning rows[i]), penalized and with the stops that
-        min_tokens holds back masked."""
+    def _adjusted(self, logits: torch.Tensor, rows: list[int],
+                  requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """A float32 copy of `rows` of `logits` (requests[i] owning rows[i]), penalized, with the stops that
+        min_tokens holds back masked and the tokens a row's grammar forbids at -inf; and the rows of that copy
+        whose grammar allows no token at all."""
         adjusted = logits[torch.tensor(rows, device=logits.device)].float()  # indexing copies
         penalized = [k for k, request in enumerate(requests) if request.params.has_penalties]
         if penalized:
@@ -90,7 +97,9 @@ class Sampler:
             if not whole:
                 adjusted.index_copy_(0, index, penalized_logits)
         mask_stop_tokens(adjusted, requests, self.eos_token_ids)
-        return adjusted
+        guided = [k for k, request in enumerate(requests) if request.guide is not None]
+        dead = apply_guides(adjusted, guided, [requests[k].guide for k in guided]) if guided else []
+        return adjusted, dead
 
     @staticmethod
     def _take_argmax(logits: torch.Tensor, rows: list[int], out_rows: list[int], out: SamplerOutput) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flover_backend.errors import InvalidRequestError
+from flover_backend.structured_output import GuidedDecoding, guided_decoding
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # longer ones would hold back that much streamed text, waiting to rule them out
@@ -34,6 +35,10 @@ class SamplingParams:
     min_tokens masks eos and the stop token ids, and keeps stop strings from ending the request, until that
     many tokens were generated. logprobs asks for the chosen token's logprob and its `logprobs` most likely
     alternatives, from the model's raw distribution (before penalties and temperature, as vLLM's default).
+
+    guided_json (a JSON schema, or its text), guided_regex or guided_choice (a list of strings), vLLM's names,
+    constrain the output to compact JSON valid under the schema, a match of the regex, or one of the choices;
+    the request ends with finish_reason stop when that grammar is complete (see flover_backend.grammar).
     """
 
     max_tokens: int = 16
@@ -49,6 +54,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the N most likely ones'
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,10 +90,20 @@ class SamplingParams:
             _check(_is_number(value) and -2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
+        self._guided = guided_decoding(self.guided_json, self.guided_regex, self.guided_choice)
+        # The grammar decides where a guided output ends: holding its end back would leave it no token to take.
+        _check(self._guided is None or self.min_tokens == 0, "min_tokens",
+               f"cannot be combined with {self._guided.field if self._guided else ''}: the grammar decides where "
+               "the output ends")
 
     def is_stop_token(self, token_id: int) -> bool:
         """Whether `token_id` is one of the request's stop tokens (a set look-up, however many there are)."""
         return token_id in self._stop_token_set
+
+    @property
+    def guided(self) -> GuidedDecoding | None:
+        """The grammar the output must follow (guided_json / guided_regex / guided_choice); None if free."""
+        return self._guided
 
     @property
     def greedy(self) -> bool:
