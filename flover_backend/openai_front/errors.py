@@ -12,7 +12,10 @@ TRITON_FIELDS = {"text_input": "prompt", "input_ids": "prompt", "prompt": "promp
                  "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed", "stop": "stop",
                  "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
                  "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                 "frequency_penalty": "frequency_penalty", "logprobs": "logprobs"}
+                 "frequency_penalty": "frequency_penalty", "logprobs": "logprobs",
+                 # structured output: what a response_format becomes (openai_front/response_format.py)
+                 "guided_json": "response_format", "guided_regex": "response_format",
+                 "guided_choice": "response_format"}
 _FIELD_ERROR = re.compile(r"(\w+): ")
 
 
@@ -60,6 +63,8 @@ def from_triton(message: str, *, model: str, prompt_param: str = "prompt") -> AP
     match = _FIELD_ERROR.match(message)
     if match and match.group(1) in TRITON_FIELDS:
         param = TRITON_FIELDS[match.group(1)]
+        if param == "response_format":  # the client never wrote guided_json: name what it did write
+            message = f"{param}: {message[match.end():]}"
         return APIError(400, message, param=prompt_param if param == "prompt" else param)
     if "unknown model" in message.lower():
         return model_not_found(model)

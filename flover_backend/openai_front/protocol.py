@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flover_backend.openai_front.errors import bad_request
+from flover_backend.openai_front.response_format import ResponseFormat
 
 MAX_STOP_STRINGS = 16  # the engine's own bound (sampling_params.MAX_STOP_STRINGS)
 MAX_LOGPROBS = 20  # the engine's own bound (sampling_params.MAX_LOGPROBS)
@@ -67,6 +68,7 @@ class _Sampling(_Strict):
     min_tokens: int | None = Field(None, ge=0, le=1 << 20)  # the engine checks it against max_tokens
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     return_token_ids: bool | None = None
+    response_format: ResponseFormat | None = None  # structured output: see response_format.py
 
     def check_supported(self) -> None:
         """Refuse, naming the parameter, what the engine cannot do rather than silently ignoring it."""
@@ -101,8 +103,12 @@ class _Sampling(_Strict):
                     "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
                     "frequency_penalty": self.frequency_penalty}
         fields |= {name: value for name, value in optional.items() if value is not None}
+        sampling = self.response_format.sampling_parameters() if self.response_format else {}
         if self.num_logprobs is not None:  # the number only goes in sampling_parameters, as vLLM's backend takes it
-            fields |= {"return_logprobs": True, "sampling_parameters": json.dumps({"logprobs": self.num_logprobs})}
+            fields["return_logprobs"] = True
+            sampling["logprobs"] = self.num_logprobs
+        if sampling:
+            fields["sampling_parameters"] = json.dumps(sampling)
         return fields
 
 
@@ -240,5 +246,5 @@ class Envelope:
                 "choices": choices, **extra}
 
 
-_FIELD_NAMES = {name for model in (CompletionRequest, ChatCompletionRequest, Message, TextPart, StreamOptions)
-                for name in model.model_fields}
+_FIELD_NAMES = {name for model in (CompletionRequest, ChatCompletionRequest, Message, TextPart, StreamOptions,
+                                    ResponseFormat) for name in model.model_fields}
