@@ -131,12 +131,23 @@ def apply_guides(logits: torch.Tensor, rows: list[int], guides: list[Guide]) -> 
     under guides[i]; the other rows are neither read nor written. Returns the rows whose grammar allows no token."""
     import xgrammar
 
-    bitmask = xgrammar.allocate_token_bitmask(len(logits), logits.shape[1])  # int32 on the CPU, all allowed
-    for row, guide in zip(rows, guides):
-        guide.fill(bitmask, row)
-    dead = [row for row in rows if not bool(bitmask[row].any())]
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                         vocab_size=logits.shape[1], indices=rows)
+    vocab_size = logits.shape[1]
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)  # int32 on the CPU, all allowed
+    for k, guide in enumerate(guides):
+        guide.fill(bitmask, k)
+    # Bit j of word w allows token 32 w + j: the words' little-endian bytes, unpacked least bit first.
+    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size].view(bool)
+    dead = [row for row, any_allowed in zip(rows, allowed.any(axis=1)) if not any_allowed]
+    if logits.device.type == "cpu":
+        # One vectorized write per row: several times faster than xgrammar's CPU kernel at 32000 tokens.
+        host = logits.numpy()
+        for k, row in enumerate(rows):
+            np.copyto(host[row], -np.inf, where=~allowed[k])
+    else:  # xgrammar's GPU kernel, which reads row i of the mask for row i of the logits
+        full = torch.full((len(logits), bitmask.shape[1]), -1, dtype=torch.int32)
+        full[rows] = bitmask
+        xgrammar.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True),
+                                             vocab_size=vocab_size, indices=rows)
     return dead
 
 

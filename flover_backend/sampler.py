@@ -138,6 +138,11 @@ def _sampled_logits(logits: torch.Tensor, rows: list[int], adjusted: torch.Tenso
     moved = [(k, at[row]) for k, row in enumerate(rows) if row in at]
     if not moved:
         return logits if len(rows) == len(logits) else logits[torch.tensor(rows, device=logits.device)]
+    if len(moved) == len(rows):  # every one adjusted (e.g. all constrained): their copy alone, not a second one
+        sources = [source for _, source in moved]
+        if sources == list(range(len(adjusted))):
+            return adjusted
+        return adjusted[torch.tensor(sources, device=logits.device)]
     picked = logits[torch.tensor(rows, device=logits.device)].float()  # indexing copies: safe to write
     targets, sources = zip(*moved)
     picked.index_copy_(0, torch.tensor(targets, device=logits.device),
