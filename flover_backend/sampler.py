@@ -29,9 +29,10 @@ class SamplerOutput:
 
 class Sampler:
     """Picks each row's next token; a sampled request draws its noise from its own generator, so its tokens
-    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties, short
-    of their min_tokens or following a grammar draw (greedy ones too) from their own adjusted copy of their
-    logits, whichever pass then picks the token (argmax, torch's, or the native kernel's)."""
+    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties or short
+    of their min_tokens draw (greedy ones too) from their own adjusted copy of their logits; a row following a
+    grammar has the tokens it forbids set to -inf (in that copy if it has one, else in its row of the logits),
+    whichever pass then picks the token (argmax, torch's, or the native kernel's)."""
 
     def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset(),
                  kernel: SamplingKernel | None = None):
@@ -43,18 +44,25 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """Next token id for each row of `logits` (N, vocab), row i belonging to requests[i]. A row whose
-        logits are not finite fails alone: it is named in `errors` and every other row gets its token."""
+        logits are not finite fails alone: it is named in `errors` and every other row gets its token. The rows
+        of requests that follow a grammar may be masked in place: `logits` is this step's, used once."""
         out = SamplerOutput([0] * len(requests))
-        adjusted_rows = [i for i, r in enumerate(requests) if r.params.has_penalties or r.guide is not None
+        adjusted_rows = [i for i, r in enumerate(requests) if r.params.has_penalties
+                         or (r.guide is not None and r.params.logprobs is not None)
                          or min_tokens_blocked(r, self.eos_token_ids)]
+        # A grammar alone masks its row of `logits` in place: no copy of it, nor of the rows sampled beside it.
+        # (Logprobs are read off the raw logits afterwards: a constrained row asking for them takes the copy.)
+        copied = set(adjusted_rows)
+        in_place = [i for i, r in enumerate(requests) if r.guide is not None and i not in copied]
+        if in_place:
+            self._fail_dead(apply_guides(logits, in_place, [requests[i].guide for i in in_place]), out)
         adjusted = None
         if adjusted_rows:
             adjusted, dead = self._adjusted(logits, adjusted_rows, [requests[i] for i in adjusted_rows])
-            for k in dead:
-                out.errors[adjusted_rows[k]] = "cannot pick a token: the grammar allows none (the vocabulary cannot " \
-                                               "spell what it needs next)"
+            self._fail_dead([adjusted_rows[k] for k in dead], out)
         at = {row: k for k, row in enumerate(adjusted_rows)}  # row -> its row of `adjusted`
-        greedy = [i for i, request in enumerate(requests) if request.params.greedy and i not in at]
+        greedy = [i for i, request in enumerate(requests) if request.params.greedy and i not in at
+                  and i not in out.errors]
         if greedy:
             self._take_argmax(logits, greedy, greedy, out)
         adjusted_greedy = [i for i in adjusted_rows if requests[i].params.greedy and i not in out.errors]
@@ -70,6 +78,13 @@ class Sampler:
                                      [requests[i].params.logprobs for i in asking])
             out.logprobs = dict(zip(asking, entries))
         return out
+
+    @staticmethod
+    def _fail_dead(rows: list[int], out: SamplerOutput) -> None:
+        """Fail the rows whose grammar allows no token at all."""
+        for row in rows:
+            out.errors[row] = "cannot pick a token: the grammar allows none (the vocabulary cannot spell what it " \
+                              "needs next)"
 
     def release(self, req_id: str) -> None:
         """Forget a finished request's generator and token counts."""

@@ -220,3 +220,18 @@ def test_guided_inputs_parse_from_a_dict_or_text_alike():
     assert as_dict.guided.source == '{"type":"object","properties":{"b":{},"a":{}}}'  # key order kept
     assert guided_decoding() is None and SamplingParams().guided is None
     assert _nested(MAX_SCHEMA_DEPTH) and SamplingParams(guided_json=_nested(MAX_SCHEMA_DEPTH)).guided
+
+
+def test_a_constrained_row_asking_for_logprobs_gets_the_raw_distributions(grammars):
+    # Its grammar masks a copy, not the logits the logprobs are read from (vLLM's default: raw logprobs).
+    sampler = Sampler(eos_token_ids=frozenset({EOS_TOKEN_ID}))
+    guided = SamplingParams(guided_choice=["yes", "no"], logprobs=0)
+    logits = torch.randn(2, VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
+    raw = logits.clone()
+    out = sampler(logits, [Request("guided", [1], guided, guide=grammars.compile(guided.guided)),
+                           Request("free", [1], SamplingParams(logprobs=0))])
+    token_id = out.token_ids[0]
+    assert build_tokenizer().decode([token_id]) in ("y", "ye", "yes", "n", "no")
+    assert torch.equal(logits, raw)
+    assert out.logprobs[0].logprob == pytest.approx(float(raw[0].log_softmax(-1)[token_id]), abs=1e-5)
+    assert out.token_ids[1] == int(raw[1].argmax())
