@@ -127,7 +127,7 @@ class Guide:
 
 
 def apply_guides(logits: torch.Tensor, rows: list[int], guides: list[Guide]) -> list[int]:
-    """Set to -inf, in place, the logits that each of `rows` of float32 `logits` (n, vocab) may not take next
+    """Set to -inf, in place, the logits that each of `rows` of `logits` (n, vocab) may not take next
     under guides[i]; the other rows are neither read nor written. Returns the rows whose grammar allows no token."""
     import xgrammar
 
@@ -136,14 +136,15 @@ def apply_guides(logits: torch.Tensor, rows: list[int], guides: list[Guide]) -> 
     for k, guide in enumerate(guides):
         guide.fill(bitmask, k)
     # Bit j of word w allows token 32 w + j: the words' little-endian bytes, unpacked least bit first.
-    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size].view(bool)
+    words = bitmask.numpy().astype("<i4", copy=False)
+    allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size].view(bool)
     dead = [row for row, any_allowed in zip(rows, allowed.any(axis=1)) if not any_allowed]
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
         # One vectorized write per row: several times faster than xgrammar's CPU kernel at 32000 tokens.
         host = logits.numpy()
         for k, row in enumerate(rows):
             np.copyto(host[row], -np.inf, where=~allowed[k])
-    else:  # xgrammar's GPU kernel, which reads row i of the mask for row i of the logits
+    else:  # xgrammar's kernel for the device and dtype, which reads row i of the mask for row i of the logits
         full = torch.full((len(logits), bitmask.shape[1]), -1, dtype=torch.int32)
         full[rows] = bitmask
         xgrammar.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True),

@@ -12,7 +12,7 @@ import torch
 
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.errors import InvalidRequestError
-from flover_backend.grammar import GrammarCompiler
+from flover_backend.grammar import GrammarCompiler, apply_guides
 from flover_backend.models.builtin import EOS_TOKEN_ID, VOCAB_SIZE, build_tokenizer
 from flover_backend.native import sampling as native_sampling
 from flover_backend.request import Request
@@ -235,3 +235,23 @@ def test_a_constrained_row_asking_for_logprobs_gets_the_raw_distributions(gramma
     assert torch.equal(logits, raw)
     assert out.logprobs[0].logprob == pytest.approx(float(raw[0].log_softmax(-1)[token_id]), abs=1e-5)
     assert out.token_ids[1] == int(raw[1].argmax())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_equal_xgrammars_own_kernel_on_a_padded_vocabulary(dtype):
+    import xgrammar
+
+    vocab_size = VOCAB_SIZE + 13  # a model's padded head: ids past the tokenizer's are never allowed
+    grammars = GrammarCompiler(build_tokenizer(), vocab_size, frozenset({EOS_TOKEN_ID}))
+    guides = [grammars.compile(guided_decoding(guided_json=PERSON)) for _ in range(3)]
+    for token_id in build_tokenizer().encode('{"name":"ab', add_special_tokens=False).ids:
+        assert guides[1].accept(token_id)  # inside a string: most tokens allowed; guides[0] and [2] at the start
+    logits = torch.randn(5, vocab_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = logits.clone()
+    bitmask = xgrammar.allocate_token_bitmask(5, vocab_size)
+    for row, guide in zip((0, 2, 3), guides):
+        guide.fill(bitmask, row)
+    xgrammar.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab_size, indices=[0, 2, 3])
+    assert apply_guides(logits, [0, 2, 3], guides) == []
+    assert torch.equal(logits, want)
+    assert torch.isinf(logits[2, VOCAB_SIZE:]).all() and not torch.isinf(logits[1]).any()
