@@ -72,7 +72,8 @@ class GrammarCompiler:
                 wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=self.tokenizer)
                 info = xgrammar.TokenizerInfo.from_huggingface(wrapped, vocab_size=self.vocab_size,
                                                                stop_token_ids=self.stop_token_ids)
-                self._compiler = xgrammar.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+                # One thread: compiling beside the loop must not take the cores its forwards run on.
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
             return self._compiler
 
 
