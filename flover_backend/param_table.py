@@ -26,7 +26,7 @@ MAX_TOKENS = 1 << 20  # past any max_model_len; admission checks the real room (
 MAX_TOKEN_ID = 2**31 - 1  # Triton carries ids as INT32
 ENGINE_DEFAULT = object()  # Param.openai_default: OpenAI's API means the engine's default too
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", object: "JSON"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class Param:
     """One request parameter and how each interface names and bounds it."""
 
     name: str
-    kind: type  # int, float, bool or str: of the value, or of each item of a list
+    kind: type  # int, float, bool or str: of the value, or of each item of a list; object: any JSON, checked
+    # by its own validator (structured output's keys: sampling.structured_output bounds them together)
     default: Any
     doc: str
     low: float | None = None
@@ -86,6 +87,8 @@ class Param:
         return f"{what} in {self.bounds}" if self.bounds else what
 
     def _fits(self, value: Any) -> bool:
+        if self.kind is object:
+            return True
         if self.kind is bool:
             return isinstance(value, bool)
         if self.kind is str:
@@ -148,5 +151,10 @@ PARAMS = (
     Param("n", int, 1, "completions per prompt: one", low=1, high=1, openai="n", cli=False),
     Param("best_of", int, None, "candidates per prompt: one", low=1, high=1, nullable=True, openai="best_of",
           cli=False),
+    # Structured output (vLLM's keys; OpenAI's response_format becomes one of them in the front). At most one.
+    Param("guided_json", object, None, "a JSON schema (object or text): the output is compact JSON valid under it",
+          nullable=True, cli=False),
+    Param("guided_regex", object, None, "a regular expression the output matches", nullable=True, cli=False),
+    Param("guided_choice", object, None, "a list of strings: the output is one of them", nullable=True, cli=False),
 )
 BY_NAME = {param.name: param for param in PARAMS}

@@ -12,6 +12,9 @@ from flover_backend.sampling.params import SamplingParams
 if TYPE_CHECKING:  # the scheduler imports this module and no torch
     from flover_backend.sampling.logprobs import TokenLogprobs
 
+if TYPE_CHECKING:
+    from flover_backend.sampling.grammar import Guide
+
 
 class RequestStatus(enum.IntEnum):
     """Where a request is; every finished state sorts after the live ones."""
@@ -63,6 +66,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None  # its final output handed to the caller
+    guide: Guide | None = None  # the grammar its output follows (structured output), advanced token by token
 
     @property
     def num_prompt_tokens(self) -> int:

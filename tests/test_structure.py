@@ -114,7 +114,7 @@ LAYERS = {
     "execution": ("sampling", "native"),
     "engine": ("execution", "sampling", "native"),
     "server": (),  # the launcher, its watchdog and processes: light, no torch, no engine
-    "frontends.openai": ("sampling.params",),  # a light process: neither torch nor the model loader
+    "frontends.openai": ("sampling.params", "sampling.structured_output"),  # light: no torch, no model loader
     "frontends.triton": ("engine", "sampling"),
 }
 

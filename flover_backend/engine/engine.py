@@ -26,6 +26,7 @@ from flover_backend.execution.iteration import SchedulerOutput
 from flover_backend.execution.model_runner import ModelRunner, StepResult, StepTimings
 from flover_backend.execution.models.loader import load_tokenizer, resolve_model_path
 from flover_backend.request import Request, RequestStatus
+from flover_backend.sampling.grammar import GrammarCompiler
 from flover_backend.sampling.logprobs import TokenLogprobs
 from flover_backend.sampling.params import SamplingParams
 
@@ -86,6 +87,7 @@ class Engine:
         self.vocab_size = model_config.vocab_size
         self.scheduler = Scheduler(config)
         self.outputs = OutputProcessor(self.tokenizer, self.runner.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.runner.eos_token_ids)
         arena, world = self.runner.arena, config.tensor_parallel_size
         self._kv_bytes_per_position = arena.bytes_per_position * world  # each rank holds 1/world of the heads
         self.stats = EngineStats(num_rows=config.max_num_seqs, kv_bytes_allocated=arena.nbytes * world)
@@ -118,8 +120,10 @@ class Engine:
         params = params or SamplingParams()
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
         check_admission(self.config.admission, num_prompt_tokens=len(token_ids), max_tokens=params.max_tokens)
+        # Compiled here, on the caller's thread: the loop only ever steps guides that are ready.
+        guide = self.grammars.compile(params.guided) if params.guided is not None else None
         request = Request(req_id if req_id is not None else f"req-{next(self._ids)}", token_ids, params,
-                          arrival_time=arrival_time)
+                          arrival_time=arrival_time, guide=guide)
         with self._lock:
             if self._stopping:
                 raise EngineDeadError("the engine is stopped")

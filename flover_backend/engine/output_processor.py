@@ -40,6 +40,14 @@ class OutputProcessor:
             status = RequestStatus.FINISHED_STOP
         elif request.num_output_tokens >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
+        if request.guide is not None and status is not RequestStatus.FINISHED_STOP:
+            # The grammar's end is the request's stop (whatever ignore_eos says), also on its max_tokens-th token;
+            # the sampler lets through only tokens it allows, so a refusal is a bug that ends this request alone.
+            if not request.guide.accept(token_id):
+                request.error = f"the grammar refused token {token_id}"
+                status = RequestStatus.FINISHED_ERROR
+            elif request.guide.finished:
+                status = RequestStatus.FINISHED_STOP
         detokenizer = self._detokenizers.get(request.req_id)
         if detokenizer is None:
             return "", status

@@ -14,6 +14,7 @@ from flover_backend.param_table import (  # noqa: F401 - the bounds, importable 
     PARAMS,
     Param,
 )
+from flover_backend.sampling.structured_output import GuidedDecoding, guided_decoding
 
 # Below this, temperature scaling could overflow float32 (logits / 1e-38 is inf) long before it could change
 # which token wins, so such requests take the most likely token, exactly as temperature 0 does.
@@ -48,6 +49,16 @@ class _SamplingParamsBase:
                f"must be <= max_tokens = {self.max_tokens}, got {self.min_tokens!r}")
         _check(self.detokenize or not self.stop, "detokenize", "false leaves no text to find stop strings in")
         self._stop_token_set = frozenset(self.stop_token_ids)
+        self._guided = guided_decoding(self.guided_json, self.guided_regex, self.guided_choice)
+        # The grammar decides where a guided output ends: holding its end back would leave it no token to take.
+        _check(self._guided is None or self.min_tokens == 0, "min_tokens",
+               f"cannot be combined with {self._guided.field if self._guided else ''}: the grammar decides where "
+               "the output ends")
+
+    @property
+    def guided(self) -> GuidedDecoding | None:
+        """The grammar the output must follow (guided_json / guided_regex / guided_choice); None if free."""
+        return self._guided
 
     def ending_token_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
         """Every token that ends this request once past min_tokens: its stop tokens, and eos unless ignored."""

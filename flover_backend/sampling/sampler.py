@@ -1,5 +1,5 @@
-"""Token selection for a whole batch: greedy rows by argmax, sampled rows in one batched pass; penalties and
-logprobs for the rows that ask for them."""
+"""Token selection for a whole batch: greedy rows by argmax, sampled rows in one batched pass; penalties,
+grammars (structured output) and logprobs for the rows that ask for them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from flover_backend.native.sampling import SamplingKernel
 from flover_backend.request import Request
 from flover_backend.sampling.batch import SamplingBatch
+from flover_backend.sampling.grammar import apply_guides
 from flover_backend.sampling.logprobs import TokenLogprobs, token_logprobs
 from flover_backend.sampling.penalties import (
     TokenCounts,
@@ -33,8 +34,10 @@ class SamplerOutput:
 
 class Sampler:
     """Picks each row's next token; a sampled request draws its noise from its own generator, so its tokens
-    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties or
-    short of their min_tokens draw (greedy ones too) from their own adjusted copy of their logits."""
+    depend on its seed and its logits alone, never on what else shares the batch. Rows with penalties or short
+    of their min_tokens draw (greedy ones too) from their own adjusted copy of their logits; a row following a
+    grammar has the tokens it forbids set to -inf (in that copy if it has one, else in its row of the logits),
+    whichever pass then picks the token (argmax, torch's, or the native kernel's)."""
 
     def __init__(self, default_seed: int = 0, eos_token_ids: frozenset[int] = frozenset(),
                  kernel: SamplingKernel | None = None):
@@ -46,21 +49,31 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """Next token id for each row of `logits` (N, vocab), row i belonging to requests[i]. A row whose
-        logits are not finite fails alone: it is named in `errors` and every other row gets its token."""
+        logits are not finite fails alone: it is named in `errors` and every other row gets its token. The rows
+        of requests that follow a grammar may be masked in place: `logits` is this step's, used once."""
         out = SamplerOutput([0] * len(requests))
-        adjusted_rows = [i for i, r in enumerate(requests)
-                         if r.params.has_penalties or min_tokens_blocked(r, self.eos_token_ids)]
+        adjusted_rows = [i for i, r in enumerate(requests) if r.params.has_penalties
+                         or (r.guide is not None and r.params.logprobs is not None)
+                         or min_tokens_blocked(r, self.eos_token_ids)]
+        # A grammar alone masks its row of `logits` in place: no copy of it, nor of the rows sampled beside it.
+        # (Logprobs are read off the raw logits afterwards: a constrained row asking for them takes the copy.)
+        copied = set(adjusted_rows)
+        in_place = [i for i, r in enumerate(requests) if r.guide is not None and i not in copied]
+        if in_place:
+            self._fail_dead(apply_guides(logits, in_place, [requests[i].guide for i in in_place]), out)
         adjusted = None
         if adjusted_rows:
-            adjusted = self._adjusted(logits, adjusted_rows, [requests[i] for i in adjusted_rows])
+            adjusted, dead = self._adjusted(logits, adjusted_rows, [requests[i] for i in adjusted_rows])
+            self._fail_dead([adjusted_rows[k] for k in dead], out)
         at = {row: k for k, row in enumerate(adjusted_rows)}  # row -> its row of `adjusted`
-        greedy = [i for i, request in enumerate(requests) if request.params.greedy and i not in at]
+        greedy = [i for i, request in enumerate(requests) if request.params.greedy and i not in at
+                  and i not in out.errors]
         if greedy:
             self._take_argmax(logits, greedy, greedy, out)
-        adjusted_greedy = [i for i in adjusted_rows if requests[i].params.greedy]
+        adjusted_greedy = [i for i in adjusted_rows if requests[i].params.greedy and i not in out.errors]
         if adjusted_greedy:
             self._take_argmax(adjusted, [at[i] for i in adjusted_greedy], adjusted_greedy, out)
-        sampled = [i for i, request in enumerate(requests) if not request.params.greedy]
+        sampled = [i for i, request in enumerate(requests) if not request.params.greedy and i not in out.errors]
         if sampled:
             self._sample(_sampled_logits(logits, sampled, adjusted, at), [requests[i] for i in sampled], sampled,
                          out)
@@ -71,15 +84,24 @@ class Sampler:
             out.logprobs = dict(zip(asking, entries))
         return out
 
+    @staticmethod
+    def _fail_dead(rows: list[int], out: SamplerOutput) -> None:
+        """Fail the rows whose grammar allows no token at all."""
+        for row in rows:
+            out.errors[row] = "cannot pick a token: the grammar allows none (the vocabulary cannot spell what it " \
+                              "needs next)"
+
     def release(self, req_id: str) -> None:
         """Forget a finished request's generator and token counts."""
         self._generators.pop(req_id, None)
         if self._token_counts is not None:
             self._token_counts.release(req_id)
 
-    def _adjusted(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
-        """A float32 copy of `rows` of `logits` (requests[i] owning rows[i]), penalized and with the stops that
-        min_tokens holds back masked."""
+    def _adjusted(self, logits: torch.Tensor, rows: list[int],
+                  requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """A float32 copy of `rows` of `logits` (requests[i] owning rows[i]), penalized, with the stops that
+        min_tokens holds back masked and the tokens a row's grammar forbids at -inf; and the rows of that copy
+        whose grammar allows no token at all."""
         adjusted = logits[torch.tensor(rows, device=logits.device)].float()  # indexing copies
         penalized = [k for k, request in enumerate(requests) if request.params.has_penalties]
         if penalized:
@@ -95,7 +117,9 @@ class Sampler:
             if not whole:
                 adjusted.index_copy_(0, index, penalized_logits)
         mask_stop_tokens(adjusted, requests, self.eos_token_ids)
-        return adjusted
+        guided = [k for k, request in enumerate(requests) if request.guide is not None]
+        dead = apply_guides(adjusted, guided, [requests[k].guide for k in guided]) if guided else []
+        return adjusted, dead
 
     @staticmethod
     def _take_argmax(logits: torch.Tensor, rows: list[int], out_rows: list[int], out: SamplerOutput) -> None:
@@ -134,6 +158,11 @@ def _sampled_logits(logits: torch.Tensor, rows: list[int], adjusted: torch.Tenso
     moved = [(k, at[row]) for k, row in enumerate(rows) if row in at]
     if not moved:
         return logits if len(rows) == len(logits) else logits[torch.tensor(rows, device=logits.device)]
+    if len(moved) == len(rows):  # every one adjusted (e.g. all constrained): their copy alone, not a second one
+        sources = [source for _, source in moved]
+        if sources == list(range(len(adjusted))):
+            return adjusted
+        return adjusted[torch.tensor(sources, device=logits.device)]
     picked = logits[torch.tensor(rows, device=logits.device)].float()  # indexing copies: safe to write
     targets, sources = zip(*moved)
     picked.index_copy_(0, torch.tensor(targets, device=logits.device),

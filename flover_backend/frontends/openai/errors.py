@@ -13,6 +13,7 @@ from flover_backend.param_table import PARAMS
 # of a chat request; `logprobs` is chat's `top_logprobs`, named alike by both endpoints' `logprobs`.
 TRITON_FIELDS = {"text_input": "prompt", "input_ids": "prompt", "prompt": "prompt", "logprobs": "logprobs"} | {
     param.name: param.openai for param in PARAMS if param.openai}
+TRITON_FIELDS |= {name: "response_format" for name in ("guided_json", "guided_regex", "guided_choice")}  # structured output
 _FIELD_ERROR = re.compile(r"(\w+): ")
 
 
@@ -61,6 +62,8 @@ def from_triton(message: str, *, model: str, prompt_param: str = "prompt") -> AP
     match = _FIELD_ERROR.match(message)
     if match and match.group(1) in TRITON_FIELDS:
         param = TRITON_FIELDS[match.group(1)]
+        if param == "response_format":  # the client never wrote guided_json: name what it did write
+            message = f"{param}: {message[match.end():]}"
         return APIError(400, message, param=prompt_param if param == "prompt" else param)
     if "unknown model" in message.lower():
         return model_not_found(model)

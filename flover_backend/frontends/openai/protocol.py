@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flover_backend.frontends.openai.errors import bad_request
+from flover_backend.frontends.openai.response_format import ResponseFormat
 from flover_backend.frontends.openai.table_fields import TableFields
 from flover_backend.param_table import MAX_LOGPROBS, MAX_TOKEN_ID
 
@@ -46,13 +47,6 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class ResponseFormat(_Strict):
-    """OpenAI's `response_format`. Only "text" (what every answer is) is served; json_object / json_schema
-    are the structured-output hook: `_Sampling.check_supported` refuses them until a grammar is applied."""
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict | None = None
-
-
 class _Sampling(TableFields, _Strict):
     """What completions and chat completions share. null means the default, as in OpenAI's API.
 
@@ -79,8 +73,6 @@ class _Sampling(TableFields, _Strict):
             raise bad_request("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options", "is only allowed with stream: true")
-        if self.response_format is not None and self.response_format.type != "text":  # structured output's hook
-            raise bad_request("response_format", f"type {self.response_format.type!r} is not supported yet")
 
     @property
     def include_usage(self) -> bool:
@@ -101,6 +93,8 @@ class _Sampling(TableFields, _Strict):
         """The flover model's inputs but the prompt: every sampling setting in one `sampling_parameters` JSON
         (as vllm_backend takes them), streamed, with the outputs the answer needs."""
         values = self.engine_values() | {"max_tokens": max_tokens}
+        if self.response_format:  # structured output: a guided_* key (response_format.py)
+            values |= self.response_format.sampling_parameters()
         fields = {"stream": True}
         if self.num_logprobs is not None:
             values["logprobs"] = self.num_logprobs

@@ -21,7 +21,7 @@ from flover_backend.sampling.params import SamplingParams
 
 MAX_JSON_BYTES = 64 * 1024  # sampling_parameters: far more than every field needs
 # Clients of Triton's vLLM backend send numbers as strings ({"max_tokens": "64"}): the JSON's scalars convert.
-JSON_SCALARS = {p.name: p.kind for p in PARAMS if not p.is_list}
+JSON_SCALARS = {p.name: p.kind for p in PARAMS if not p.is_list and p.kind in (int, float, bool)}
 # Request parameters that are Triton's own (its parameters extension reserves them, and every "triton_*" key,
 # e.g. the gRPC client's triton_enable_empty_final_response): never sampling settings.
 TRITON_RESERVED = {"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers"}
