@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import tempfile
 import time
 import traceback
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import graphs_vs_eager
+from benchmarks import graphs_vs_eager, kernel_check
 from benchmarks.inprocess import decode_sweep, measure
 from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig
@@ -140,6 +141,12 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {eager['batch_size']} | {eager['step_s'] * 1e3:.2f} ({eager['forward_s'] * 1e3:.2f}) | "
                          f"{graph['step_s'] * 1e3:.2f} ({graph['forward_s'] * 1e3:.2f}) | "
                          f"{eager['step_s'] / graph['step_s']:.2f} | {graph['floor_s'] * 1e3:.2f} | {graph['ratio']:.2f} |")
+    kernels = results.get("kernels", {}).get("rows", [])
+    if kernels:
+        lines += ["", "Triton kernels against their torch references (not wired into the model yet):", "",
+                  "| kernel | max abs diff | triton (ms) | torch (ms) | torch / triton |", "|---|---|---|---|---|"]
+        lines += [f"| {r['kernel']} | {r['max_abs_diff']:.2e} | {r['triton_ms']:.3f} | {r['torch_ms']:.3f} | "
+                  f"{r['torch_over_triton']:.2f} |" for r in kernels]
     errors = [f"- {name}: {part['error']}" for name, part in results.items()
               if isinstance(part, dict) and "error" in part]
     return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-graphs-ab", type=int, default=0, metavar="N",
                         help="only compare fused runs with and without prefill graphs, alternating, N times each")
     args = parser.parse_args(argv)
+    if args.smoke:  # the Triton kernels run under the interpreter on this CPU; set before triton is imported
+        os.environ["TRITON_INTERPRET"] = "1"
     model, device, dtype = ("builtin:tiny", "cpu", "float32") if args.smoke else ("builtin:1b", "cuda", "bfloat16")
     counts, gen_len = ([1, 4], 8) if args.smoke else ([1, 8, 32], 128)
     requests = counts[-1]
@@ -196,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every time, first: a wrong token is worse than any figure below is good.
     equality = {"count": 4, "new_tokens": 8, "max_num_seqs": 4, "dtypes": ("float32",)} if args.smoke else {}
     run_part(results, "graphs_vs_eager", lambda: graphs_equal_eager(device, equality), args.out)
+    run_part(results, "kernels", lambda: {"rows": kernel_check.smoke_rows() if args.smoke else kernel_check.gpu_rows()},
+             args.out)
     run_part(results, "decode_steps", lambda: decode_steps(base, sorted({1, 8, requests})), args.out)
     # Experiments 1 and 2: constant arrivals, and throughput by requests in flight.
     run_part(results, "exp1", lambda: {str(n): run_policies(base, constant[n], f"exp1 N={n}") for n in counts},
