@@ -7,8 +7,12 @@ compared within bfloat16's tolerance; float32 ones within float32 rounding.
 """
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are decorated as interpreted then
+# Read when triton is imported: set later, the kernels fail to launch ("outside of the scope of a kernel").
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: set it in the environment")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
