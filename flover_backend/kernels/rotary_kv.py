@@ -22,8 +22,7 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, k_cach
     base = qkv_ptr + token * token_stride + head * head_dim
     first = tl.load(base + offsets, mask=mask, other=0.0)
     second = tl.load(base + half + offsets, mask=mask, other=0.0)
-    is_v = head >= num_heads + num_kv_heads
-    if not is_v:
+    if head < num_heads + num_kv_heads:  # q and k rotate; v does not
         position = tl.load(positions_ptr + token).to(tl.int64)
         table = position * table_stride
         cos1 = tl.load(cos_ptr + table + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -41,7 +40,7 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, k_cach
     if head >= num_heads:
         kv_head = head - num_heads
         cache_ptr = k_cache_ptr
-        if is_v:
+        if head >= num_heads + num_kv_heads:
             kv_head = kv_head - num_kv_heads
             cache_ptr = v_cache_ptr
         position = tl.load(positions_ptr + token).to(tl.int64)
