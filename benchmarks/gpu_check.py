@@ -1,4 +1,6 @@
-"""On a lent GPU: the decode step with and without CUDA graphs, experiments 1-3 in-process on the built-in ~1B
+"""On a lent GPU: first, greedy tokens with CUDA graphs against eager ones on mixed-length prompts joining while
+others decode (benchmarks/graphs_vs_eager.py; any mismatch fails the run loudly), then the decode step with and
+without CUDA graphs, experiments 1-3 in-process on the built-in ~1B
 Llama (bf16), and transformers' own continuous batching (`generate_batch`) on the same prompts.
 `--smoke` runs the same code on this CPU with the tiny model.
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import graphs_vs_eager, kernel_check
 from benchmarks.inprocess import decode_sweep, measure
 from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig
@@ -81,6 +86,13 @@ def transformers_batch(model_path: Path, trace, dtype: torch.dtype, device: str)
     return {"total_s": seconds, "total_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def graphs_equal_eager(device: str, overrides: dict) -> dict:
+    """The staggered, mixed-length graphs-vs-eager token comparison on the issue's random Llama."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = graphs_vs_eager.write_checkpoint(Path(tmp) / "issue21")
+        return graphs_vs_eager.compare(checkpoint, device, **overrides)
+
+
 def run_part(results: dict, name: str, part: Callable[[], dict], out: Path) -> None:
     """Run one part; keep its figures or its error; write everything so far."""
     start = time.perf_counter()
@@ -100,7 +112,15 @@ def summary_table(results: dict) -> str:
     """The short Markdown table printed last: whatever parts have figures, and the errors of those that failed."""
     title = (f"{results['card']}, {results['model']} {results['dtype']}, "
              f"{results['requests']} requests x {results['gen_len']} tokens")
-    lines = [title, "", "| run | total (s) | tokens/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---|---|---|---|"]
+    lines = [title, ""]
+    equality = results.get("graphs_vs_eager", {})
+    if "runs" in equality:
+        lines += [("Greedy streams identical to the same prompt served alone, eagerly "
+                   f"({equality['prompts']} prompts of 1-{max(equality['prompt_lens'])} tokens):"), "",
+                  "| run | identical |", "|---|---|"]
+        lines += [f"| {name} | {run['identical']} / {run['of']} |" for name, run in equality["runs"].items()]
+        lines.append("")
+    lines += ["| run | total (s) | tokens/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---|---|---|---|"]
     exp1 = results.get("exp1", {})
     for policy, summary in exp1.get(str(results["requests"]), {}).items():
         lines.append(_table_row(f"exp1 {policy}", summary))
@@ -121,6 +141,12 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {eager['batch_size']} | {eager['step_s'] * 1e3:.2f} ({eager['forward_s'] * 1e3:.2f}) | "
                          f"{graph['step_s'] * 1e3:.2f} ({graph['forward_s'] * 1e3:.2f}) | "
                          f"{eager['step_s'] / graph['step_s']:.2f} | {graph['floor_s'] * 1e3:.2f} | {graph['ratio']:.2f} |")
+    kernels = results.get("kernels", {}).get("rows", [])
+    if kernels:
+        lines += ["", "Triton kernels against their torch references (not wired into the model yet):", "",
+                  "| kernel | max abs diff | triton (ms) | torch (ms) | torch / triton |", "|---|---|---|---|---|"]
+        lines += [f"| {r['kernel']} | {r['max_abs_diff']:.2e} | {r['triton_ms']:.3f} | {r['torch_ms']:.3f} | "
+                  f"{r['torch_over_triton']:.2f} |" for r in kernels]
     errors = [f"- {name}: {part['error']}" for name, part in results.items()
               if isinstance(part, dict) and "error" in part]
     return "\n".join(lines + (["", "Failed parts:", *errors] if errors else []))
@@ -160,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-graphs-ab", type=int, default=0, metavar="N",
                         help="only compare fused runs with and without prefill graphs, alternating, N times each")
     args = parser.parse_args(argv)
+    if args.smoke:  # the Triton kernels run under the interpreter on this CPU; set before triton is imported
+        os.environ["TRITON_INTERPRET"] = "1"
     model, device, dtype = ("builtin:tiny", "cpu", "float32") if args.smoke else ("builtin:1b", "cuda", "bfloat16")
     counts, gen_len = ([1, 4], 8) if args.smoke else ([1, 8, 32], 128)
     requests = counts[-1]
@@ -174,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         prefill_graphs_ab(base, {"exp1": constant[requests], "exp3_gap_5ms": poisson}, args.prefill_graphs_ab, args.out)
         print((args.out / "prefill_graphs_ab.md").read_text())
         return 0
+    # Every time, first: a wrong token is worse than any figure below is good.
+    equality = {"count": 4, "new_tokens": 8, "max_num_seqs": 4, "dtypes": ("float32",)} if args.smoke else {}
+    run_part(results, "graphs_vs_eager", lambda: graphs_equal_eager(device, equality), args.out)
+    run_part(results, "kernels", lambda: {"rows": kernel_check.smoke_rows() if args.smoke else kernel_check.gpu_rows()},
+             args.out)
     run_part(results, "decode_steps", lambda: decode_steps(base, sorted({1, 8, requests})), args.out)
     # Experiments 1 and 2: constant arrivals, and throughput by requests in flight.
     run_part(results, "exp1", lambda: {str(n): run_policies(base, constant[n], f"exp1 N={n}") for n in counts},
@@ -193,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         run_part(results, f"exp3_gap_{gap_ms:.0f}ms", lambda trace=trace, gap_ms=gap_ms: run_policies(
             base, trace, f"exp3 gap={gap_ms:.0f}ms"), args.out)
     print(summary_table(results))
+    if not results["graphs_vs_eager"].get("ok"):
+        print("\n" + "!" * 100 + "\nFAILED: CUDA graphs gave other tokens than eager decoding, or the comparison did "
+              "not run (graphs_vs_eager above)\n" + "!" * 100, flush=True)
+        return 1
     return 1 if any(isinstance(part, dict) and "error" in part for part in results.values()) else 0
 
 

@@ -5,6 +5,12 @@ is Python and launch overhead, not the weights' bytes. Replaying a captured grap
 call. A graph fixes every shape, so the batch is padded up to a bucket size and attention reads a
 bucketed number of key positions; padded rows decode a dummy token that writes its key at the scratch
 position (the arena's `scratch_position`), which no request ever uses.
+
+Every graph here and in prefill_graphs.py is recorded into one memory pool, and PyTorch only promises a shared
+pool is safe if each graph's output is consumed before another graph of the pool replays: a graph captured
+later (a decode shape first met under load, past the prefill widths) may place its output in memory another
+graph uses as scratch. So a graph's static output is private to `CapturedGraph`, whose `replay` hands back a
+copy: no caller can hold pool memory across another replay, whatever order shapes are captured or replayed in.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def key_bucket(longest_context: int, max_model_len: int) -> int:
 class DecodeGraphs:
     """Decode over padded static inputs: CUDA graphs per (batch, keys) shape on a GPU, the same forward eagerly elsewhere."""
 
-    def __init__(self, model: Callable, kv: KVArena, max_num_seqs: int, max_model_len: int, dtype: torch.dtype):
+    def __init__(self, model: Callable, kv: KVArena, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
+                 recorder: Recorder | None = None):
         self.model, self.kv, self.dtype = model, kv, dtype
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_num_seqs)
@@ -46,9 +53,11 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(max_num_seqs, 1, dtype=torch.long, device=device)
         self.context_lens = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.write_pos = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
-        self.capture = device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # A recorder other than CUDA's (tests give one) captures on any device.
+        self.record = recorder or record_graph
+        self.capture = recorder is not None or device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.graphs: dict[tuple[int, int], CapturedGraph] = {}
         self.num_replays = 0
 
     def capture_batch_sizes(self) -> None:
@@ -81,10 +90,8 @@ class DecodeGraphs:
             if captured is None:  # capture failed: every shape runs eagerly from now on
                 return self._forward(batch, num_keys)[:span]
             self.graphs[shape] = captured
-        graph, output = self.graphs[shape]
-        graph.replay()
         self.num_replays += 1
-        return output[:span]
+        return self.graphs[shape].replay(slice(0, span))
 
     def _forward(self, batch: int, num_keys: int) -> torch.Tensor:
         """The decode forward on the first `batch` static rows; only device work, so it can be captured."""
@@ -92,9 +99,9 @@ class DecodeGraphs:
                                             self.write_pos[:batch])
         return self.model(self.input_ids[:batch], forward_batch, self.kv)[:, 0]
 
-    def _capture(self, batch: int, num_keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    def _capture(self, batch: int, num_keys: int) -> CapturedGraph | None:
         """Record the shape; None (and eager decoding from now on) if that fails."""
-        captured = record_graph(lambda: self._forward(batch, num_keys), self.pool)
+        captured = self.record(lambda: self._forward(batch, num_keys), self.pool)
         if captured is None:
             log.error("CUDA graph capture of decode batch %d x %d keys failed; decoding eagerly", batch, num_keys)
             self.capture = False
@@ -104,7 +111,23 @@ class DecodeGraphs:
         return captured
 
 
-def record_graph(forward: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+class CapturedGraph:
+    """A recorded graph and its static output, which is read only through `replay`: as a copy."""
+
+    def __init__(self, graph, output: torch.Tensor):
+        self._graph, self._output = graph, output
+
+    def replay(self, index=slice(None)) -> torch.Tensor:
+        """Run the graph; `output[index]` copied out of the pool, so the next replay of any graph of the
+        pool (which may use this output's memory as scratch) cannot change what the caller holds."""
+        self._graph.replay()
+        return self._output[index].clone()
+
+
+Recorder = Callable[[Callable[[], torch.Tensor], object], CapturedGraph | None]
+
+
+def record_graph(forward: Callable[[], torch.Tensor], pool) -> CapturedGraph | None:
     """Warm `forward` up on a side stream, then record it into `pool`: the graph and its output; None on failure."""
     current = torch.cuda.current_stream()
     side = torch.cuda.Stream()
@@ -121,4 +144,4 @@ def record_graph(forward: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.
     except RuntimeError:
         log.exception("CUDA graph capture failed")
         return None
-    return graph, output
+    return CapturedGraph(graph, output)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from flover_backend.execution.decode_graphs import record_graph
+from flover_backend.execution.decode_graphs import CapturedGraph, Recorder, record_graph
 from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
 
@@ -40,17 +40,18 @@ class PrefillGraphs:
     """One row's first prompt chunk over padded static inputs: a CUDA graph per width on a GPU, the same
     forward eagerly elsewhere."""
 
-    def __init__(self, model: Callable, kv: KVArena, max_width: int, pool=None):
+    def __init__(self, model: Callable, kv: KVArena, max_width: int, pool=None, recorder: Recorder | None = None):
         self.model, self.kv = model, kv
         self.widths = width_buckets(max_width)
         device = kv.device
         self.input_ids = torch.zeros(1, max_width, dtype=torch.long, device=device)
         self.row = torch.zeros(1, dtype=torch.long, device=device)
-        self.capture = device.type == "cuda"
-        self.pool = pool if pool is not None or not self.capture else torch.cuda.graph_pool_handle()
+        self.record = recorder or record_graph
+        self.capture = recorder is not None or device.type == "cuda"
+        self.pool = pool if pool is not None or device.type != "cuda" else torch.cuda.graph_pool_handle()
         # Built outside any capture: a prefill batch copies its chunks' last indices from the host.
         self.batches = {width: ForwardBatch.prefill(self.row, [width], device) for width in self.widths}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, CapturedGraph] = {}
         self.num_replays = 0
 
     def covers(self, length: int) -> bool:
@@ -70,20 +71,17 @@ class PrefillGraphs:
         self.input_ids[0, :width].copy_(torch.tensor(token_ids + [0] * (width - len(token_ids))))
         self.row.fill_(row)
         if self.capture and width not in self.graphs:
-            captured = record_graph(lambda: self._forward(width), self.pool)
+            captured = self.record(lambda: self._forward(width), self.pool)
             if captured is None:
                 log.error("CUDA graph capture of a %d-token prompt chunk failed; prompts run eagerly", width)
                 self.capture = False
             else:
                 self.graphs[width] = captured
+        states = (0, slice(0 if every else len(token_ids) - 1, len(token_ids)))
         if self.capture:
-            graph, output = self.graphs[width]
-            graph.replay()
             self.num_replays += 1
-        else:
-            output = self._forward(width)
-        # The next replay of this width overwrites its output: the state is copied out now.
-        return output[0, 0 if every else len(token_ids) - 1:len(token_ids)].clone()
+            return self.graphs[width].replay(states)  # a copy: see decode_graphs' docstring
+        return self._forward(width)[states]
 
     def _forward(self, width: int) -> torch.Tensor:
         """The prefill forward of the static inputs' first `width` tokens into the static row; only device work."""
