@@ -1,0 +1,181 @@
+"""The real server on the GPU: tritonserver from the bundle (gpu_server_bundle.py), 1 and 32 streams through HTTP
+`generate_stream` beside the same requests in-process; what the server costs per token.
+
+Run by benchmarks/gpu_check.sh on the lent GPU (its bundle built here first, README "On a GPU"); on a CPU with
+the tiny model it is the same path (tests/test_gpu_server_bundle.py). Writes server_gpu.json and server_gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from benchmarks.gpu_server_bundle import archive_name, unpack_bundle
+from benchmarks.inprocess import measure
+from clients.loadgen import replay, triton_http_sender
+from clients.triton_stream import stream_http
+from clients.workload import make_trace, summarize
+from flover_backend import Engine, EngineConfig
+from flover_backend.ports import find_free_port
+from flover_backend.server.repository import derive_repository
+from flover_backend.server.serve import TritonServer
+
+KEYS = ("tokens_per_s", "tpot_p50_s", "ttft_p50_s")
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name (as lscpu gives it)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        lines = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set `values` in os.environ for the block, then put back what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def serve_and_measure(settings: dict, streams: list[int], gen_len: int, prompt_len: int, tmp: Path,
+                      ready_timeout_s: float) -> tuple[dict, str]:
+    """Start tritonserver (whatever FLOVER_TRITON_DIST names), stream each trace over HTTP; summaries and the
+    arena line of its log."""
+    repo = derive_repository(tmp / "repo", ["flover"], {k: str(v) for k, v in settings.items()})
+    ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+    log = tmp / "server.log"
+    results: dict = {}
+    with TritonServer(repo, **ports, log_path=log, ready_timeout_s=ready_timeout_s) as server:
+        results["binary"] = server.command()[0]
+        # A text input first: with NumPy 2 in the stub, exactly this request killed it (README "On a GPU").
+        chunks = list(stream_http(server.http_url, "flover", text_input="Temporal fusion", max_tokens=4,
+                                  ignore_eos=True, timeout_s=120))
+        if not chunks or chunks[-1].finish_reason != "length":
+            raise RuntimeError(f"the first text request ended wrongly: {chunks}")
+        for n in streams:
+            trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
+            replay(make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=prompt_len),
+                   triton_http_sender(server.http_url, "flover"), show_progress=False)
+            results[n] = summarize(replay(trace, triton_http_sender(server.http_url, "flover"),
+                                          show_progress=False))
+            _print("HTTP", n, gen_len, results[n])
+    arena = next((line.strip() for line in log.read_text(errors="replace").splitlines() if "KV arena" in line), "")
+    return results, arena
+
+
+def in_process(settings: dict, streams: list[int], gen_len: int, prompt_len: int) -> dict:
+    """The same traces on an in-process engine of the same settings."""
+    results = {}
+    with Engine(EngineConfig(**settings)) as engine:
+        for n in streams:
+            trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
+            results[n] = measure(engine, trace)
+            _print("in-process", n, gen_len, results[n])
+    return results
+
+
+def _print(side: str, streams: int, gen_len: int, summary: dict) -> None:
+    print(f"  {side:<10} {streams:>3} x {gen_len}: {summary['tokens_per_s']:8.1f} tok/s  "
+          f"TPOT p50 {summary['tpot_p50_s'] * 1e3:6.2f} ms  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.1f} ms", flush=True)
+
+
+def compare(served: dict, local: dict) -> list[dict]:
+    """Per stream count: both sides, and the server's cost per token (ms) in time per token and in throughput."""
+    rows = []
+    for n, i in local.items():
+        s = served[n]
+        rows.append({"streams": n, "http": {k: s[k] for k in KEYS}, "in_process": {k: i[k] for k in KEYS},
+                     "tpot_added_ms": (s["tpot_p50_s"] - i["tpot_p50_s"]) * 1e3,
+                     "ms_per_token_added": (1 / s["tokens_per_s"] - 1 / i["tokens_per_s"]) * 1e3,
+                     "tokens_per_s_ratio": s["tokens_per_s"] / i["tokens_per_s"]})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    """The results as a table, with the device and the settings."""
+    s = results["settings"]
+    lines = [f"# The server on {results['device_name']}: HTTP generate_stream against in-process", "",
+             (f"{s['model']} {s['dtype']} on {s['device']}, max_num_seqs {s['max_num_seqs']}, all streams at once, "
+              f"prompt {results['prompt_len']} tokens, {results['gen_len']} new tokens each, greedy; one run "
+              f"(server, then in-process). Stub arena: {results['arena'] or 'not logged'}."), "",
+             ("| streams | tok/s in-process / HTTP | TPOT p50 ms in-process / HTTP | TTFT p50 ms in-process / HTTP | "
+              "server's TPOT added (ms) | server's ms per token of throughput |"), "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        i, h = r["in_process"], r["http"]
+        lines.append(f"| {r['streams']} | {i['tokens_per_s']:.1f} / {h['tokens_per_s']:.1f} | "
+                     f"{i['tpot_p50_s'] * 1e3:.2f} / {h['tpot_p50_s'] * 1e3:.2f} | "
+                     f"{i['ttft_p50_s'] * 1e3:.1f} / {h['ttft_p50_s'] * 1e3:.1f} | {r['tpot_added_ms']:+.3f} | "
+                     f"{r['ms_per_token_added']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Unpack, serve, measure both sides, write the files; return the results."""
+    settings = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_num_seqs": max(args.streams),
+                "max_model_len": args.prompt_len + args.gen_len + 16}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="flover-gpu-server-") as tmp:
+        env = unpack_bundle(args.bundle, Path(tmp) / "bundle")
+        print(f"unpacked {args.bundle} in {time.monotonic() - started:.1f}s: {env}", flush=True)
+        with environment(env):  # the launcher and the stub's prefix read them
+            served, arena = serve_and_measure(settings, args.streams, args.gen_len, args.prompt_len, Path(tmp),
+                                              args.ready_timeout_s)
+    local = in_process(settings, args.streams, args.gen_len, args.prompt_len)
+    results = {"device_name": device_name(args.device), "settings": settings, "gen_len": args.gen_len,
+               "prompt_len": args.prompt_len, "arena": arena, "tritonserver": served["binary"], "rows": compare(served, local),
+               "seconds": time.monotonic() - started}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "server_gpu.json").write_text(json.dumps(results, indent=2))
+    (args.out / "server_gpu.md").write_text(markdown(results))
+    for r in results["rows"]:
+        print(f"server cost at {r['streams']} streams: TPOT {r['tpot_added_ms']:+.3f} ms, "
+              f"{r['ms_per_token_added']:+.4f} ms per token of throughput "
+              f"(HTTP / in-process tok/s {r['tokens_per_s_ratio']:.3f}) on {results['device_name']}", flush=True)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The check's options; the defaults are the GPU run's."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path(".gpu_bundle") / archive_name("3.12"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"))
+    parser.add_argument("--model", default="builtin:1b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--ready-timeout-s", type=float, default=180.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; a failure raises, so the exit status says so."""
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
