@@ -3,11 +3,12 @@
 The archive holds `pytriton/tritonserver` (the binary, the Python backend, the stub built for one Python) and
 the part of `nvidia_pytriton.libs` those files load, in the wheel's layout so their RPATHs still resolve, plus
 optionally a NumPy 1.x wheel for the stub (see triton_env.prepare_stub_python: the stub's pybind11 reads NumPy
-arrays through NumPy 1.x's struct layout). Built here, carried to the GPU machine as an ignored path:
+arrays through NumPy 1.x's struct layout). Built here (the GPU machine reaches no registry), then carried there as the ignored folder .gpu_bundle:
 
-    .venv/bin/python -m benchmarks.gpu_server_bundle --python 3.12 --numpy-wheel-dir .gpu_bundle/wheels --out .gpu_bundle
+    .venv/bin/python -m benchmarks.gpu_server_bundle --python 3.12 --download-numpy     # ~41 MiB, ~1.5 min
 
-(`--download-numpy` fetches the cp312 numpy 1.26.4 wheel into --numpy-wheel-dir first, from PyPI.)
+(`--download-numpy` fetches NUMPY_PIN's wheel for that Python from PyPI with pip; `--numpy-wheel FILE` takes one
+at hand.) Only the archive lands in .gpu_bundle, so what travels stays within the device tool's 64 MiB.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
-
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
 
 from flover_backend.triton_env import STUB, pytriton_dist, pytriton_libs
 
@@ -36,6 +35,10 @@ def archive_name(python: str) -> str:
 
 def needed_names(path: Path) -> list[str]:
     """The DT_NEEDED entries of one ELF file."""
+    # Imported here: unpacking (on the GPU machine, without pyelftools) never reads ELF files.
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
     with path.open("rb") as handle:
         elf = ELFFile(handle)
         return [tag.needed for section in elf.iter_sections() if isinstance(section, DynamicSection)
@@ -108,14 +111,10 @@ def unpack_bundle(archive: Path, dest: Path) -> dict[str, str]:
 
 def download_numpy(dest: Path, python: str) -> list[Path]:
     """Fetch NUMPY_PIN's manylinux wheel for CPython `python` into `dest` (PyPI, via pip); return it."""
-    tag = python.replace(".", "")
-    have = sorted(dest.glob(f"numpy-*-cp{tag}-*.whl"))
-    if have:
-        return have
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version", python, "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
                     "--platform", "manylinux2014_x86_64", "-d", str(dest), NUMPY_PIN], check=True)
-    return sorted(dest.glob(f"numpy-*-cp{tag}-*.whl"))
+    return sorted(dest.glob(f"numpy-*-cp{python.replace('.', '')}-*.whl"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,19 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default="3.12", help="the Python version of the machine that runs it")
     parser.add_argument("--out", type=Path, default=Path(".gpu_bundle"))
-    parser.add_argument("--numpy-wheel-dir", type=Path, help="carry the NumPy 1.x wheel(s) for --python found here")
-    parser.add_argument("--download-numpy", action="store_true", help=f"pip download {NUMPY_PIN} there first")
+    numpy = parser.add_mutually_exclusive_group()
+    numpy.add_argument("--download-numpy", action="store_true", help=f"carry {NUMPY_PIN}, fetched from PyPI")
+    numpy.add_argument("--numpy-wheel", type=Path, help="carry this NumPy 1.x wheel (built for --python)")
     parser.add_argument("--preset", type=int, default=9, choices=range(10), help="xz level")
     args = parser.parse_args(argv)
-    wheels: list[Path] = []
-    if args.numpy_wheel_dir:
-        args.numpy_wheel_dir.mkdir(parents=True, exist_ok=True)
-        tag = args.python.replace(".", "")
-        wheels = (download_numpy(args.numpy_wheel_dir, args.python) if args.download_numpy
-                  else sorted(args.numpy_wheel_dir.glob(f"numpy-*-cp{tag}-*.whl")))
-        if not wheels:
-            parser.error(f"no cp{tag} numpy wheel in {args.numpy_wheel_dir} (add --download-numpy)")
-    path = build_bundle(args.out, args.python, wheels, args.preset)
+    with tempfile.TemporaryDirectory(prefix="flover-wheels-") as tmp:
+        wheels = [args.numpy_wheel] if args.numpy_wheel else []
+        if args.download_numpy:
+            wheels = download_numpy(Path(tmp), args.python)
+            if not wheels:
+                parser.error(f"pip found no {NUMPY_PIN} wheel for CPython {args.python}")
+        path = build_bundle(args.out, args.python, wheels, args.preset)
     print(f"{path} {path.stat().st_size / 2**20:.1f} MiB")
     return 0
 

@@ -24,6 +24,7 @@ from clients.loadgen import replay, triton_http_sender
 from clients.triton_stream import stream_http
 from clients.workload import make_trace, summarize
 from flover_backend import Engine, EngineConfig
+from flover_backend.execution.arena_sizing import row_bytes, rows_that_fit
 from flover_backend.ports import find_free_port
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
@@ -93,7 +94,24 @@ def in_process(settings: dict, streams: list[int], gen_len: int, prompt_len: int
             trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
             results[n] = measure(engine, trace)
             _print("in-process", n, gen_len, results[n])
+        if engine.runner.device.type == "cuda":
+            results["rows_at_0.9"] = engine.call(lambda: rows_for(engine, 0.9))
     return results
+
+
+def rows_for(engine: Engine, utilization: float) -> int:
+    """The arena rows gpu_memory_utilization would give this engine's model beside what it holds now (uncapped);
+    the arena it has counts as free, since that setting would size it instead."""
+    import torch
+
+    c, runner = engine.runner.model.config, engine.runner
+    free, total = torch.cuda.mem_get_info(runner.device)
+    per_row = row_bytes(c.num_layers, c.num_kv_heads, c.head_dim, engine.config.max_model_len,
+                        runner.arena.tensor.element_size(), c.vocab_size)
+    rows = rows_that_fit(free + runner.arena.nbytes, total, utilization, per_row, cap=10**9)
+    print(f"  gpu_memory_utilization {utilization}: {rows} rows of max_model_len {engine.config.max_model_len} "
+          f"({per_row / 2**20:.1f} MiB each; {free / 2**30:.1f} of {total / 2**30:.1f} GiB free now)", flush=True)
+    return rows
 
 
 def _print(side: str, streams: int, gen_len: int, summary: dict) -> None:
@@ -128,6 +146,9 @@ def markdown(results: dict) -> str:
                      f"{i['tpot_p50_s'] * 1e3:.2f} / {h['tpot_p50_s'] * 1e3:.2f} | "
                      f"{i['ttft_p50_s'] * 1e3:.1f} / {h['ttft_p50_s'] * 1e3:.1f} | {r['tpot_added_ms']:+.3f} | "
                      f"{r['ms_per_token_added']:+.4f} |")
+    if results.get("gpu_memory_utilization_0.9_rows"):
+        lines.append(f"\n`gpu_memory_utilization` 0.9 would give this model {results['gpu_memory_utilization_0.9_rows']} "
+                     f"rows of max_model_len {s['max_model_len']} on this card.")
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +156,9 @@ def run(args: argparse.Namespace) -> dict:
     """Unpack, serve, measure both sides, write the files; return the results."""
     settings = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_num_seqs": max(args.streams),
                 "max_model_len": args.prompt_len + args.gen_len + 16}
+    if not args.bundle.is_file():
+        raise SystemExit(f"no {args.bundle}: build it on a machine with pytriton first (README, 'On a lent GPU'): "
+                         "python -m benchmarks.gpu_server_bundle --python 3.12 --download-numpy")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flover-gpu-server-") as tmp:
         env = unpack_bundle(args.bundle, Path(tmp) / "bundle")
@@ -144,7 +168,8 @@ def run(args: argparse.Namespace) -> dict:
                                               args.ready_timeout_s)
     local = in_process(settings, args.streams, args.gen_len, args.prompt_len)
     results = {"device_name": device_name(args.device), "settings": settings, "gen_len": args.gen_len,
-               "prompt_len": args.prompt_len, "arena": arena, "tritonserver": served["binary"], "rows": compare(served, local),
+               "prompt_len": args.prompt_len, "arena": arena, "tritonserver": served["binary"],
+               "gpu_memory_utilization_0.9_rows": local.pop("rows_at_0.9", None), "rows": compare(served, local),
                "seconds": time.monotonic() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server_gpu.json").write_text(json.dumps(results, indent=2))

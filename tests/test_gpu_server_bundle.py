@@ -29,6 +29,17 @@ def test_bundle_holds_the_stub_and_only_the_libraries_its_binaries_load():
         bundle_files("2.7")
 
 
+@pytest.mark.parametrize("python", ["3.11", "3.12"])
+def test_the_stubs_pybind11_predates_numpy_2(python):
+    """Why the stub needs NumPy 1.x: pybind11 learned NumPy 2 (module numpy._core, the new descriptor layout) in
+    2.12; these stubs name numpy.core alone. Under NumPy 2 (tried on this CPU with 2.2.6 through FLOVER_STUB_PATH)
+    int32 outputs failed "output tensor shape does not match" and a text input killed the stub ("unpack_from
+    requires a buffer of at least 252645139 bytes"); with 1.26 both answered. A pytriton whose stub names
+    numpy._core fails this test: then the NumPy pin can go."""
+    binary = (pytriton_dist() / "python_backend_stubs" / python / "triton_python_backend_stub").read_bytes()
+    assert b"numpy.core.multiarray" in binary and b"numpy._core" not in binary
+
+
 def _wheel(dest: Path, name: str) -> Path:
     """A minimal pure-Python wheel of module `name` whose `VALUE` is 42."""
     dist_info = f"{name}-1.0.dist-info"
