@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -60,43 +61,57 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def serve_and_measure(settings: dict, streams: list[int], gen_len: int, prompt_len: int, tmp: Path,
-                      ready_timeout_s: float) -> tuple[dict, str]:
-    """Start tritonserver (whatever FLOVER_TRITON_DIST names), stream each trace over HTTP; summaries and the
-    arena line of its log."""
+def measure_in_turns(settings: dict, streams: list[int], gen_len: int, prompt_len: int, rounds: int, tmp: Path,
+                     ready_timeout_s: float) -> dict:
+    """tritonserver (whatever FLOVER_TRITON_DIST names) and an in-process engine of the same settings side by side:
+    per round and stream count the trace in-process, then over HTTP, in turns so the machine's noise falls on both."""
     repo = derive_repository(tmp / "repo", ["flover"], {k: str(v) for k, v in settings.items()})
     ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
     log = tmp / "server.log"
-    results: dict = {}
-    with TritonServer(repo, **ports, log_path=log, ready_timeout_s=ready_timeout_s) as server:
-        results["binary"] = server.command()[0]
-        # A text input first: with NumPy 2 in the stub, exactly this request killed it (README "On a GPU").
+    runs: dict[int, list[dict]] = {n: [] for n in streams}
+    with TritonServer(repo, **ports, log_path=log, ready_timeout_s=ready_timeout_s) as server, \
+            Engine(EngineConfig(**settings)) as engine:
+        # A text input first: with NumPy 2 in the stub, exactly this request killed it (README "On a lent GPU").
         chunks = list(stream_http(server.http_url, "flover", text_input="Temporal fusion", max_tokens=4,
                                   ignore_eos=True, timeout_s=120))
         if not chunks or chunks[-1].finish_reason != "length":
             raise RuntimeError(f"the first text request ended wrongly: {chunks}")
-        for n in streams:
-            trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
-            replay(make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=prompt_len),
-                   triton_http_sender(server.http_url, "flover"), show_progress=False)
-            results[n] = summarize(replay(trace, triton_http_sender(server.http_url, "flover"),
-                                          show_progress=False))
-            _print("HTTP", n, gen_len, results[n])
+        send = triton_http_sender(server.http_url, "flover")
+        for _ in range(rounds):
+            for n in streams:
+                trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
+                local = measure(engine, trace)  # warms the engine up first, as the next line does the server
+                replay(make_trace(2, interval_s=0.0, gen_len=(4, 4), prompt_len=prompt_len), send, show_progress=False)
+                served = summarize(replay(trace, send, show_progress=False))
+                _print("in-process", n, gen_len, local)
+                _print("HTTP", n, gen_len, served)
+                runs[n].append({"in_process": {k: local[k] for k in KEYS}, "http": {k: served[k] for k in KEYS}})
+        rows = engine.call(lambda: rows_for(engine, 0.9)) if engine.runner.device.type == "cuda" else None
+        binary = server.command()[0]
     arena = next((line.strip() for line in log.read_text(errors="replace").splitlines() if "KV arena" in line), "")
-    return results, arena
+    return {"tritonserver": binary, "arena": arena, "gpu_memory_utilization_0.9_rows": rows,
+            "rows": [compare(n, pairs) for n, pairs in runs.items()]}
 
 
-def in_process(settings: dict, streams: list[int], gen_len: int, prompt_len: int) -> dict:
-    """The same traces on an in-process engine of the same settings."""
-    results = {}
-    with Engine(EngineConfig(**settings)) as engine:
-        for n in streams:
-            trace = make_trace(n, interval_s=0.0, gen_len=(gen_len, gen_len), prompt_len=prompt_len, seed=3)
-            results[n] = measure(engine, trace)
-            _print("in-process", n, gen_len, results[n])
-        if engine.runner.device.type == "cuda":
-            results["rows_at_0.9"] = engine.call(lambda: rows_for(engine, 0.9))
-    return results
+def _print(side: str, streams: int, gen_len: int, summary: dict) -> None:
+    print(f"  {side:<10} {streams:>3} x {gen_len}: {summary['tokens_per_s']:8.1f} tok/s  "
+          f"TPOT p50 {summary['tpot_p50_s'] * 1e3:6.2f} ms  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.1f} ms", flush=True)
+
+
+def compare(streams: int, pairs: list[dict]) -> dict:
+    """One stream count's rounds, and the medians over them of the server's cost per token (ms): added time per
+    output token, and added ms per token of throughput; with HTTP / in-process tokens/s."""
+    def median(key: str, side: str) -> float:
+        return statistics.median(pair[side][key] for pair in pairs)
+
+    return {"streams": streams, "rounds": pairs,
+            "in_process": {k: median(k, "in_process") for k in KEYS}, "http": {k: median(k, "http") for k in KEYS},
+            "tpot_added_ms": statistics.median((p["http"]["tpot_p50_s"] - p["in_process"]["tpot_p50_s"]) * 1e3
+                                               for p in pairs),
+            "ms_per_token_added": statistics.median(
+                (1 / p["http"]["tokens_per_s"] - 1 / p["in_process"]["tokens_per_s"]) * 1e3 for p in pairs),
+            "tokens_per_s_ratio": statistics.median(p["http"]["tokens_per_s"] / p["in_process"]["tokens_per_s"]
+                                                    for p in pairs)}
 
 
 def rows_for(engine: Engine, utilization: float) -> int:
@@ -114,30 +129,13 @@ def rows_for(engine: Engine, utilization: float) -> int:
     return rows
 
 
-def _print(side: str, streams: int, gen_len: int, summary: dict) -> None:
-    print(f"  {side:<10} {streams:>3} x {gen_len}: {summary['tokens_per_s']:8.1f} tok/s  "
-          f"TPOT p50 {summary['tpot_p50_s'] * 1e3:6.2f} ms  TTFT p50 {summary['ttft_p50_s'] * 1e3:6.1f} ms", flush=True)
-
-
-def compare(served: dict, local: dict) -> list[dict]:
-    """Per stream count: both sides, and the server's cost per token (ms) in time per token and in throughput."""
-    rows = []
-    for n, i in local.items():
-        s = served[n]
-        rows.append({"streams": n, "http": {k: s[k] for k in KEYS}, "in_process": {k: i[k] for k in KEYS},
-                     "tpot_added_ms": (s["tpot_p50_s"] - i["tpot_p50_s"]) * 1e3,
-                     "ms_per_token_added": (1 / s["tokens_per_s"] - 1 / i["tokens_per_s"]) * 1e3,
-                     "tokens_per_s_ratio": s["tokens_per_s"] / i["tokens_per_s"]})
-    return rows
-
-
 def markdown(results: dict) -> str:
     """The results as a table, with the device and the settings."""
     s = results["settings"]
     lines = [f"# The server on {results['device_name']}: HTTP generate_stream against in-process", "",
              (f"{s['model']} {s['dtype']} on {s['device']}, max_num_seqs {s['max_num_seqs']}, all streams at once, "
-              f"prompt {results['prompt_len']} tokens, {results['gen_len']} new tokens each, greedy; one run "
-              f"(server, then in-process). Stub arena: {results['arena'] or 'not logged'}."), "",
+              f"prompt {results['prompt_len']} tokens, {results['gen_len']} new tokens each, greedy; medians of "
+              f"{results['rounds']} rounds, in-process and HTTP in turns. Stub arena: {results['arena'] or 'not logged'}."), "",
              ("| streams | tok/s in-process / HTTP | TPOT p50 ms in-process / HTTP | TTFT p50 ms in-process / HTTP | "
               "server's TPOT added (ms) | server's ms per token of throughput |"), "|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -164,12 +162,10 @@ def run(args: argparse.Namespace) -> dict:
         env = unpack_bundle(args.bundle, Path(tmp) / "bundle")
         print(f"unpacked {args.bundle} in {time.monotonic() - started:.1f}s: {env}", flush=True)
         with environment(env):  # the launcher and the stub's prefix read them
-            served, arena = serve_and_measure(settings, args.streams, args.gen_len, args.prompt_len, Path(tmp),
-                                              args.ready_timeout_s)
-    local = in_process(settings, args.streams, args.gen_len, args.prompt_len)
+            measured = measure_in_turns(settings, args.streams, args.gen_len, args.prompt_len, args.rounds,
+                                        Path(tmp), args.ready_timeout_s)
     results = {"device_name": device_name(args.device), "settings": settings, "gen_len": args.gen_len,
-               "prompt_len": args.prompt_len, "arena": arena, "tritonserver": served["binary"],
-               "gpu_memory_utilization_0.9_rows": local.pop("rows_at_0.9", None), "rows": compare(served, local),
+               "prompt_len": args.prompt_len, "rounds": args.rounds, **measured,
                "seconds": time.monotonic() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server_gpu.json").write_text(json.dumps(results, indent=2))
@@ -192,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ready-timeout-s", type=float, default=180.0)
     return parser.parse_args(argv)
 

@@ -58,8 +58,11 @@ def pytriton_libs() -> Path:
 def prepare_backend_dir(dest: Path | None = None) -> Path:
     """Copy the python backend plus the stub built for this Python into `dest` once; return `dest`."""
     if dest is None:
-        version = importlib.metadata.version("nvidia-pytriton")
-        dest = work_dir() / f"backends-pytriton{version}-py{PY_VERSION}"
+        if os.environ.get("FLOVER_TRITON_DIST"):  # an unpacked copy, without the wheel's metadata
+            source = hashlib.sha1(str(pytriton_dist()).encode()).hexdigest()[:8]
+        else:
+            source = f"pytriton{importlib.metadata.version('nvidia-pytriton')}"
+        dest = work_dir() / f"backends-{source}-py{PY_VERSION}"
     dest = Path(dest)
     if (dest / "python" / STUB).exists():
         return dest

@@ -78,7 +78,7 @@ def test_server_from_the_unpacked_bundle_streams_like_in_process(tmp_path, built
     args = gpu_server_check.parse_args([
         "--bundle", str(tmp_path / "bundle" / archive_name(PY_VERSION)), "--out", str(tmp_path / "out"),
         "--model", "builtin:tiny", "--device", "cpu", "--dtype", "float32", "--streams", "1", "2",
-        "--gen-len", "8", "--prompt-len", "8", "--ready-timeout-s", "120"])
+        "--gen-len", "8", "--prompt-len", "8", "--rounds", "1", "--ready-timeout-s", "120"])
     results = gpu_server_check.run(args)
     assert "flover-gpu-server-" in results["tritonserver"]  # the unpacked copy served, not the venv's wheel
     assert not results["tritonserver"].startswith(str(pytriton_dist()))
