@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from flover_backend.triton_env import STUB, pytriton_dist, pytriton_libs
+from flover_backend.triton_env import PY_VERSION, STUB, pytriton_dist, pytriton_libs
 
 NUMPY_PIN = "numpy==1.26.4"  # the last NumPy whose array struct layout the pybind11 in pytriton 0.7.0's stubs reads
 ENTRY_POINTS = ("bin/tritonserver", "backends/python/libtriton_python.so", "caches/local/libtritoncache_local.so")
@@ -98,7 +98,11 @@ def unpack_bundle(archive: Path, dest: Path) -> dict[str, str]:
     """
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="tar")
+        built_for = tar.extractfile("MANIFEST").read().decode().split()[1]
+        if built_for != PY_VERSION:  # the stub links libpython of its own version and embeds this interpreter's
+            raise ValueError(f"{archive} holds the stub for Python {built_for}; this is Python {PY_VERSION}")
+        # The "tar" filter (3.12, backported to 3.10.12+) keeps exec bits and refuses paths leaving `dest`.
+        tar.extractall(dest, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
     env = {"FLOVER_TRITON_DIST": str(dest / "pytriton" / "tritonserver")}
     wheels = sorted((dest / "wheels").glob("*.whl"))
     if wheels:

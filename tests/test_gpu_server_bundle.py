@@ -69,6 +69,9 @@ def test_unpacked_wheels_go_ahead_of_site_packages_for_the_stub_alone(tmp_path, 
     pth = (bin_dir.parent / "lib" / f"python{PY_VERSION}" / "site-packages" / "flover.pth").read_text().splitlines()
     assert pth.index(str(site)) < min(i for i, line in enumerate(pth) if "addsitedir" in line)
     assert "stubonly" not in sys.modules  # the launcher's own interpreter never imported it
+    other = "3.12" if PY_VERSION != "3.12" else "3.11"
+    with pytest.raises(ValueError, match=f"holds the stub for Python {other}; this is Python {PY_VERSION}"):
+        unpack_bundle(build_bundle(tmp_path / "other", other, preset=0), tmp_path / "other-unpacked")
 
 
 @pytest.mark.triton
