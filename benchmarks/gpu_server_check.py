@@ -129,6 +129,23 @@ def rows_for(engine: Engine, utilization: float) -> int:
     return rows
 
 
+def sizing_on_card(device: str, cap: int = 64) -> dict:
+    """The engine's own gpu_memory_utilization path on the card: builtin:tiny at 0.9 must take `cap` rows (an
+    H200 holds far more); an error is recorded, not raised, so the server's figures above still get written."""
+    try:
+        config = EngineConfig(model="builtin:tiny", device=device, max_num_seqs=cap, max_model_len=256,
+                              gpu_memory_utilization=0.9)
+        with Engine(config) as engine:
+            rows = engine.config.max_num_seqs
+            ok = rows == engine.runner.arena.tensor.shape[2] == engine.stats.num_rows == cap
+    except Exception as exc:  # noqa: BLE001 - reported in the results and on stdout
+        print(f"  gpu_memory_utilization sizing FAILED: {exc!r}", flush=True)
+        return {"error": repr(exc)}
+    print(f"  gpu_memory_utilization 0.9, max_num_seqs {cap}, builtin:tiny: {rows} rows "
+          f"({'as expected' if ok else f'FAILED: expected {cap}'})", flush=True)
+    return {"rows": rows, "expected": cap, "ok": ok}
+
+
 def markdown(results: dict) -> str:
     """The results as a table, with the device and the settings."""
     s = results["settings"]
@@ -147,6 +164,8 @@ def markdown(results: dict) -> str:
     if results.get("gpu_memory_utilization_0.9_rows"):
         lines.append(f"\n`gpu_memory_utilization` 0.9 would give this model {results['gpu_memory_utilization_0.9_rows']} "
                      f"rows of max_model_len {s['max_model_len']} on this card.")
+    if "sizing_check" in results:
+        lines.append(f"\nThe engine's own sizing (builtin:tiny, 0.9, cap 64): {results['sizing_check']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +183,8 @@ def run(args: argparse.Namespace) -> dict:
         with environment(env):  # the launcher and the stub's prefix read them
             measured = measure_in_turns(settings, args.streams, args.gen_len, args.prompt_len, args.rounds,
                                         Path(tmp), args.ready_timeout_s)
+    if args.device.startswith("cuda"):
+        measured["sizing_check"] = sizing_on_card(args.device)
     results = {"device_name": device_name(args.device), "settings": settings, "gen_len": args.gen_len,
                "prompt_len": args.prompt_len, "rounds": args.rounds, **measured,
                "seconds": time.monotonic() - started}
