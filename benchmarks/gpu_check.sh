@@ -19,5 +19,6 @@ timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k 
 tests=${PIPESTATUS[0]}
 timeout 300 python3 -m benchmarks.gpu_check --out "$out" 2>&1 | tee "$out/gpu_check.log"
 bench=${PIPESTATUS[0]}
+timeout 180 python3 -m benchmarks.gpu_server_check --out "$out" || echo "gpu_server_check FAILED (exit $?): tritonserver on the GPU, see above"
 echo "gpu tests exit $tests, gpu_check exit $bench"
 exit $(( tests || bench ))

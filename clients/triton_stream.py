@@ -9,10 +9,12 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
+
+if TYPE_CHECKING:
+    import tritonclient.grpc as grpcclient
 
 from flover_backend.frontends.triton.schema import INPUTS, NUMPY_TYPES
 
@@ -39,6 +41,9 @@ class Chunk:
 
 def grpc_inputs(fields: dict) -> list[grpcclient.InferInput]:
     """Triton inputs for a request given as {input name: value} (strings, numbers, lists)."""
+    import tritonclient.grpc as grpcclient  # here: the HTTP calls run where tritonclient is not installed (GPU image)
+    from tritonclient.utils import np_to_triton_dtype
+
     inputs = []
     for name, value in fields.items():
         if name in INPUT_DTYPES:
@@ -71,6 +76,8 @@ class GrpcStream:
     """One request over a gRPC bidirectional stream; iterate for chunks, `cancel()` to stop it."""
 
     def __init__(self, url: str, model: str, fields: dict, timeout_s: float = 300.0):
+        import tritonclient.grpc as grpcclient
+
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
         self._results: queue.SimpleQueue = queue.SimpleQueue()

@@ -39,6 +39,10 @@ class EngineConfig:
     prefix_caching: bool = True  # a prompt copies the keys of its longest start that a live or retained row holds
     max_retained_prefixes: int = 8  # finished requests' rows kept for prefix reuse; an arrival takes one back first
     log_prompts: bool = False  # the INFO line logged per finished request also holds its prompt text
+    # CUDA only: > 0 sizes the arena from free device memory (as vLLM's setting does): max_num_seqs is then the
+    # cap, and the engine takes as many rows as this share of the card holds beside what is in use; 0: exactly
+    # max_num_seqs rows.
+    gpu_memory_utilization: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -65,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
         if self.max_retained_prefixes < 0:
             raise ValueError(f"max_retained_prefixes must be >= 0, got {self.max_retained_prefixes}")
+        if not 0.0 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0, 1], got {self.gpu_memory_utilization}")
+        if self.gpu_memory_utilization and self.tensor_parallel_size > 1:
+            raise ValueError("gpu_memory_utilization sizes one GPU's arena: use it with tensor_parallel_size 1")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

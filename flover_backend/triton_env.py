@@ -37,7 +37,13 @@ def in_ngc_container() -> bool:
 
 
 def pytriton_dist() -> Path:
-    """The tritonserver distribution inside the installed nvidia-pytriton wheel."""
+    """The tritonserver distribution inside the installed nvidia-pytriton wheel, or FLOVER_TRITON_DIST's.
+
+    FLOVER_TRITON_DIST names the `pytriton/tritonserver` folder of an unpacked copy (benchmarks/gpu_server_bundle.py
+    packs one for machines without the wheel); its `nvidia_pytriton.libs` must sit two levels up, as in the wheel.
+    """
+    if os.environ.get("FLOVER_TRITON_DIST"):
+        return Path(os.environ["FLOVER_TRITON_DIST"])
     spec = importlib.util.find_spec("pytriton")  # finds without importing pytriton's heavy __init__
     if spec is None or spec.origin is None:
         raise RuntimeError("nvidia-pytriton is not installed: pip install -e '.[serve]'")
@@ -52,8 +58,11 @@ def pytriton_libs() -> Path:
 def prepare_backend_dir(dest: Path | None = None) -> Path:
     """Copy the python backend plus the stub built for this Python into `dest` once; return `dest`."""
     if dest is None:
-        version = importlib.metadata.version("nvidia-pytriton")
-        dest = work_dir() / f"backends-pytriton{version}-py{PY_VERSION}"
+        if os.environ.get("FLOVER_TRITON_DIST"):  # an unpacked copy, without the wheel's metadata
+            source = hashlib.sha1(str(pytriton_dist()).encode()).hexdigest()[:8]
+        else:
+            source = f"pytriton{importlib.metadata.version('nvidia-pytriton')}"
+        dest = work_dir() / f"backends-{source}-py{PY_VERSION}"
     dest = Path(dest)
     if (dest / "python" / STUB).exists():
         return dest
@@ -76,9 +85,14 @@ def prepare_stub_python(dest: Path | None = None) -> Path:
     takes its prefix from the first `python3` on PATH. This prefix's pyvenv.cfg points at the running
     interpreter's base install and its .pth puts the project root and this interpreter's site-packages
     on the stub's sys.path, so model.py can `import flover_backend` and torch without being installed.
+    Folders in FLOVER_STUB_PATH (os.pathsep-separated) go ahead of those site-packages, for the stub alone: the
+    stub's pybind11 reads NumPy arrays through NumPy 1.x's struct layout, so where the interpreter has NumPy 2
+    a NumPy 1.26 installed into such a folder is what the stub must import (README, "On a GPU").
     """
-    if dest is None:
-        dest = work_dir() / f"stub-python{PY_VERSION}-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"
+    stub_path = [d for d in os.environ.get("FLOVER_STUB_PATH", "").split(os.pathsep) if d]
+    if dest is None:  # one prefix per interpreter and stub path, so servers launched with others keep theirs
+        key = "\n".join([sys.prefix, *stub_path]).encode()
+        dest = work_dir() / f"stub-python{PY_VERSION}-{hashlib.sha1(key).hexdigest()[:8]}"
     dest = Path(dest)
     site_dir = dest / "lib" / f"python{PY_VERSION}" / "site-packages"
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +104,7 @@ def prepare_stub_python(dest: Path | None = None) -> Path:
                       "include-system-site-packages = false\n")
     # addsitedir, not a plain path line, so the real site-packages' own .pth files (editable installs) run.
     site_dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-    lines = [str(PROJECT_ROOT)] + [f"import site; site.addsitedir({d!r})" for d in site_dirs]
+    lines = [str(PROJECT_ROOT), *stub_path] + [f"import site; site.addsitedir({d!r})" for d in site_dirs]
     _write_if_changed(site_dir / "flover.pth", "\n".join(lines) + "\n")
     return dest / "bin"
 

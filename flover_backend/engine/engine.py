@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -80,6 +81,8 @@ class Engine:
         except BaseException:
             self._torch_thread.close()
             raise
+        if self.runner.max_num_seqs != config.max_num_seqs:  # sized from free GPU memory (gpu_memory_utilization)
+            config = self.config = dataclasses.replace(config, max_num_seqs=self.runner.max_num_seqs)
         model_config = self.runner.model.config
         if config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "

@@ -35,12 +35,14 @@ class KVArena:
         self.device = torch.device(device)
         if position_major and self.device.type != "cpu":
             raise ValueError("the position-major arena is for the CPU kernel only")
-        if self.device.type == "cuda":
-            import cupy  # GPU only: CuPy's pool owns the arena
-
+        cupy = _cupy() if self.device.type == "cuda" else None
+        if cupy is not None:  # CuPy's pool owns the arena
             with cupy.cuda.Device(self.device.index or 0):
                 self.array = cupy.zeros(shape, dtype=storage_dtype)
             view = torch.from_dlpack(self.array)
+        elif self.device.type == "cuda":  # torch owns it; compaction then copies by torch indexing
+            self.array = None
+            view = torch.zeros(shape, dtype=dtype, device=self.device)
         else:
             order = (0, 1, 2, 4, 3, 5) if position_major else tuple(range(6))  # its own inverse
             self.array = np.zeros([shape[axis] for axis in order], dtype=storage_dtype).transpose(order)
@@ -57,7 +59,7 @@ class KVArena:
         self.bytes_per_position = num_layers * 2 * num_kv_heads * head_dim * self.tensor.element_size()
         self.copier = "numpy"
         if self.device.type == "cuda":
-            self.copier = self._warm_up_cupy_copy()
+            self.copier = self._warm_up_cupy_copy() if cupy is not None else "torch"
 
     @classmethod
     def for_model(cls, config, max_num_seqs: int, max_model_len: int, dtype: torch.dtype = torch.float32,
@@ -121,3 +123,15 @@ class KVArena:
         with stream:
             for move in moves:
                 self.array[:, :, move.dst, :, :move.length] = self.array[:, :, move.src, :, :move.length]
+
+
+def _cupy():
+    """CuPy, or None where it does not import: CuPy 14 needs NumPy 2, and Triton's Python stub needs NumPy 1.x
+    (README, "On a GPU"), so under the stub the arena is torch's own memory."""
+    try:
+        import cupy
+    except ImportError:
+        logger.warning("CuPy does not import here (it needs NumPy >= 2); the KV arena is torch's, "
+                       "compaction copies by torch indexing", exc_info=True)
+        return None
+    return cupy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 
 from flover_backend.config import EngineConfig
+from flover_backend.execution.arena_sizing import row_bytes, rows_that_fit
 from flover_backend.execution.decode_graphs import DecodeGraphs
 from flover_backend.execution.iteration import PrefillChunk, SchedulerOutput
 from flover_backend.execution.kv_arena import KVArena
@@ -25,6 +28,8 @@ from flover_backend.native import small_gemm as native_small_gemm
 from flover_backend.paths import kernels_dir
 from flover_backend.sampling.logprobs import TokenLogprobs, prompt_logprobs
 from flover_backend.sampling.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 # Forwards that write prompts are padded to a multiple of this many positions (eagerly the whole forward, with
 # CUDA graphs each chunk): every new input shape leaves per-shape state behind (oneDNN primitives and more), so
@@ -119,6 +124,9 @@ class ModelRunner:
         self.model = load_model(model_path, self.dtype, self.device, rank, world)
         self.workers = WorkerGroup(config) if world > 1 and rank == 0 else None
         model_config = self.model.config
+        if config.gpu_memory_utilization and self.device.type == "cuda":
+            config = dataclasses.replace(config, max_num_seqs=self._rows_that_fit(config))
+        self.max_num_seqs = config.max_num_seqs  # the arena's rows: the engine's scheduler takes this many
         # Kernels are built (or found built) now, so the compiler never runs inside a step under load.
         kernel_dir = kernels_dir()
         cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32  # what the layer kernels take
@@ -158,6 +166,17 @@ class ModelRunner:
             with torch.inference_mode():
                 self.decode_graphs.capture_batch_sizes()
                 self.prefill_graphs.capture_widths(free_row=0)
+
+    def _rows_that_fit(self, config: EngineConfig) -> int:
+        """Arena rows for config.gpu_memory_utilization of this GPU, with the weights already loaded."""
+        c = self.model.config
+        free, total = torch.cuda.mem_get_info(self.device)
+        per_row = row_bytes(c.num_layers, c.num_kv_heads, c.head_dim, config.max_model_len,
+                            torch.empty((), dtype=self.dtype).element_size(), c.vocab_size)
+        rows = rows_that_fit(free, total, config.gpu_memory_utilization, per_row, cap=config.max_num_seqs)
+        logger.info("gpu_memory_utilization %.2f: %d arena rows of %.1f MiB (%.1f of %.1f GiB free)",
+                    config.gpu_memory_utilization, rows, per_row / 2**20, free / 2**30, total / 2**30)
+        return rows
 
     def bind_thread(self) -> None:
         """Make the runner's GPU the calling thread's current device: CuPy, graph capture and NCCL use it."""
