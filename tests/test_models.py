@@ -14,9 +14,10 @@ from transformers import LlamaConfig as HFLlamaConfig
 
 from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.layers.ops import UsesKernels, install_kernels
 from flover_backend.execution.models import MODEL_REGISTRY, loader
 from flover_backend.execution.models.gpt2 import GPT2Config
-from flover_backend.execution.models.llama import LlamaConfig
+from flover_backend.execution.models.llama import Llama, LlamaConfig
 from flover_backend.execution.models.loader import load_model, resolve_model_path
 from flover_backend.native import attention as native_attention
 from flover_backend.native import elementwise as native_elementwise
@@ -95,7 +96,7 @@ def attention_kernel() -> native_attention.DecodeAttentionKernel:
 def with_native_kernels(ours):
     """`ours` running its element-wise work and its few-row matmuls through the compiled kernels, over oneDNN-packed
     weights, as the engine has it on CPU fp32."""
-    ours.use_elementwise_kernels(built(native_elementwise))
+    install_kernels(ours, built(native_elementwise))
     ours.prepack(4, built(native_small_gemm))
     return ours
 
@@ -368,3 +369,16 @@ def test_resolve_model_path(tmp_path):
         resolve_model_path("builtin:huge")
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model_path(str(tmp_path)) == tmp_path
+
+
+def test_kernels_are_installed_by_the_runner_seam_on_the_layers_that_take_them():
+    """Llama's norms, attention (rotary) and SwiGLU take the element-wise kernels; Gemma's (1 + weight) norms and
+    GeGLU keep torch's; GPT-2 has no such layer. The families carry no hook of their own for it."""
+    kernels = built(native_elementwise)
+    hf = HF_CONFIGS["llama-gqa"]().to_dict()  # 2 layers
+    llama = Llama(LlamaConfig.from_hf(hf))
+    assert install_kernels(llama, kernels) == 2 * 4 + 1  # per layer: 2 norms, attention, MLP; then the final norm
+    assert all(module.kernels is kernels for module in llama.modules() if isinstance(module, UsesKernels))
+    gemma = Llama(LlamaConfig.from_hf(hf | {"model_type": "gemma", "hidden_act": "gelu_pytorch_tanh"}))
+    assert install_kernels(gemma, kernels) == 2  # attention's rotary only
+    assert not any(hasattr(family, "use_elementwise_kernels") for family in MODEL_REGISTRY.values())

@@ -16,6 +16,7 @@ from flover_backend.execution.decode_graphs import DecodeGraphs
 from flover_backend.execution.iteration import PrefillChunk, SchedulerOutput
 from flover_backend.execution.kv_arena import KVArena
 from flover_backend.execution.layers.attention import ForwardBatch
+from flover_backend.execution.layers.ops import install_kernels
 from flover_backend.execution.models import eos_token_ids
 from flover_backend.execution.models.loader import load_model
 from flover_backend.execution.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillGraphs
@@ -139,7 +140,7 @@ class ModelRunner:
         elementwise_kernels = native_elementwise.load(kernel_dir) if config.native_elementwise and cpu_float32 \
             else None
         if elementwise_kernels is not None:
-            self.model.use_elementwise_kernels(elementwise_kernels)
+            install_kernels(self.model, elementwise_kernels)
         self.attention_kernel = (native_attention.load(kernel_dir)
                                  if config.native_attention and native_attention.supports(self.device, self.dtype)
                                  else None)

@@ -10,7 +10,6 @@ from flover_backend.execution.layers.attention import ForwardBatch, KVLayers
 from flover_backend.execution.models.gpt2 import GPT2
 from flover_backend.execution.models.gptj import GPTJ
 from flover_backend.execution.models.llama import Llama
-from flover_backend.native.elementwise import ElementwiseKernels
 from flover_backend.native.small_gemm import SmallGemmKernel
 
 
@@ -57,10 +56,6 @@ class CausalLM(Protocol):
     def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Lay the weights out for decoding up to `batch_hint` rows on this device, once after loading (their
         few-row matmuls through `small_gemm` where given)."""
-        ...
-
-    def use_elementwise_kernels(self, kernels: ElementwiseKernels) -> None:
-        """Run what element-wise work `kernels` covers through them, where the inputs allow; or nothing."""
         ...
 
 

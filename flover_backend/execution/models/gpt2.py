@@ -179,8 +179,5 @@ class GPT2(nn.Module):
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
-    def use_elementwise_kernels(self, kernels) -> None:
-        """Nothing: the kernels cover RMSNorm, rotary and SwiGLU, and GPT-2's LayerNorm and GELU are none of them."""
-
     def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Nothing to lay out: Conv1D keeps HF's (in, out) weights, which oneDNN's linear packing does not take."""

@@ -199,9 +199,6 @@ class GPTJ(nn.Module):
         """(N, hidden) -> (N, vocab) float32 logits."""
         return self.lm_head(hidden).float()
 
-    def use_elementwise_kernels(self, kernels) -> None:
-        """Nothing: the kernels cover RMSNorm, rotary and SwiGLU, and GPT-J's LayerNorm and GELU are none of them."""
-
     def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
         pack_linears(self, batch_hint, small_gemm)

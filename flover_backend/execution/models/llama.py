@@ -19,6 +19,7 @@ from flover_backend.execution.layers.linear import (
     can_pack,
     pack_linears,
 )
+from flover_backend.execution.layers.ops import UsesKernels
 from flover_backend.native.elementwise import ElementwiseKernels, applies
 from flover_backend.native.small_gemm import SmallGemmKernel
 
@@ -119,14 +120,17 @@ class LlamaConfig:
         )
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(UsesKernels, nn.Module):
     """Root-mean-square norm, computed in float32 like HF so bf16 runs match it; Gemma's scales by (1 + weight)."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernels: ElementwiseKernels | None = None  # set by `Llama.use_elementwise_kernels`
+
+    def takes(self, kernels: ElementwiseKernels) -> bool:
+        """Gemma's (1 + weight) norm keeps torch's operators."""
+        return not self.unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension and scale it."""
@@ -166,7 +170,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(UsesKernels, nn.Module):
     """Grouped-query attention with RoPE; the arena holds the keys and values. q, k and v are one matmul."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int, rank: int, world: int):
@@ -178,7 +182,6 @@ class LlamaAttention(nn.Module):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedColumnParallelLinear(config.hidden_size, [q_width, kv_width, kv_width], config.qkv_bias)
         self.o_proj = RowParallelLinear(q_width, config.hidden_size, config.o_proj_bias, rank, world)
-        self.kernels: ElementwiseKernels | None = None  # set by `Llama.use_elementwise_kernels`
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -199,16 +202,19 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(UsesKernels, nn.Module):
     """Gated feed-forward (SwiGLU; Gemma's GeGLU); gate and up are one matmul."""
 
     def __init__(self, config: LlamaConfig, rank: int, world: int):
         super().__init__()
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act, self.swiglu = ACTIVATIONS[config.hidden_act], config.hidden_act == "silu"
         bias = config.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, rank, world)
-        self.kernels: ElementwiseKernels | None = None  # SwiGLU only; set by `Llama.use_elementwise_kernels`
+
+    def takes(self, kernels: ElementwiseKernels) -> bool:
+        """SwiGLU only: Gemma's GeGLU keeps torch's operators."""
+        return self.swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """down(act(gate(x)) * up(x))."""
@@ -297,15 +303,6 @@ class Llama(nn.Module):
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
-
-    def use_elementwise_kernels(self, kernels: ElementwiseKernels) -> None:
-        """Run the norms, rotary and SwiGLU through `kernels` wherever their inputs allow (float32 on the CPU);
-        Gemma's (1 + weight) norms and GeGLU keep torch's operators."""
-        swiglu = self.config.hidden_act == "silu"
-        for module in self.modules():
-            if (isinstance(module, LlamaAttention) or isinstance(module, RMSNorm) and not module.unit_offset
-                    or isinstance(module, LlamaMLP) and swiglu):
-                module.kernels = kernels
 
     def prepack(self, batch_hint: int, small_gemm: SmallGemmKernel | None = None) -> None:
         """Lay every matmul weight out for fast small-batch decoding on CPU (a no-op where oneDNN can't)."""
