@@ -69,6 +69,22 @@ def test_prompt_logprobs_equal_transformers(hf_prompt_logprobs, overrides, graph
     assert all(o.prompt_logprobs is None for o in outputs[NEIGHBOUR])
 
 
+def test_a_prompt_asking_for_logprobs_computes_what_a_cached_prefix_holds(hf_prompt_logprobs):
+    """Prefix reuse copies keys, not logits: a request that asks for prompt logprobs after the same prompt ran
+    (its row retained) computes its whole prompt, and its logprobs are transformers'."""
+    config = EngineConfig(model="builtin:tiny", max_num_seqs=4, max_model_len=96, num_threads=1)
+    with Engine(config) as engine:
+        list(engine.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True)))
+        again = list(engine.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True)))
+        asked = list(engine.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=0)))
+        prompt_ids = engine.tokenizer.encode(PROMPT).ids
+    assert again[-1].num_cached_tokens == len(prompt_ids) - 1  # the plain repeat reused the retained row
+    assert asked[-1].num_cached_tokens == 0
+    want = hf_prompt_logprobs(prompt_ids)
+    got = [entry.logprob for entry in asked[0].prompt_logprobs]
+    assert got == pytest.approx([want[i, t].item() for i, t in enumerate(prompt_ids[1:])], abs=1e-4)
+
+
 def test_asking_changes_no_tokens_of_the_request_or_its_neighbour():
     _, asked = serve({"max_prefill_tokens": 5})
     config = EngineConfig(model="builtin:tiny", max_num_seqs=4, max_model_len=96, num_threads=1,

@@ -62,8 +62,11 @@ class PrefixCache:
         """The copy that gives `request` (just given its row) the longest prefix of its prompt a running or
         retained row holds, recorded on the request as computed; None if no row holds any.
 
-        At least the prompt's last token is left to compute: its hidden state gives the first token.
+        At least the prompt's last token is left to compute: its hidden state gives the first token. A request
+        asking for prompt logprobs computes its whole prompt (copied positions have no logits), as vLLM does.
         """
+        if request.params.prompt_logprobs is not None:
+            return None
         prompt = request.prompt_token_ids
         limit = len(prompt) - 1
         best_len, best_row, best_retained = MIN_REUSE_TOKENS - 1, -1, None
