@@ -175,7 +175,8 @@ class FakeServer:
 def test_a_server_that_exited_on_its_own_is_started_again_within_the_recovery_bound(monkeypatch):
     """tritonserver aborts by itself when a stub dies holding a shared-memory lock: the watchdog starts it again
     at once (urgent, without waiting for the interval), counted like any recovery."""
-    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid, include_dead=False: [])
+    stub = Stub(pid=os.getpid(), model="m", shm_region="flover-test-none")  # a live process stands for it
+    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid, include_dead=False: [stub])
     server = FakeServer(["m"])
     watchdog = Watchdog(server, max_restarts=2)
     monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
@@ -209,7 +210,8 @@ def test_a_stub_gone_with_its_model_still_loaded_restarts_the_server_else_the_mo
 
 def test_a_stalled_model_restarts_the_server_and_recoveries_are_bounded(monkeypatch):
     server = FakeServer(["m"])
-    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid, include_dead=False: [])
+    stub = Stub(pid=os.getpid(), model="m", shm_region="flover-test-none")  # alive: the model is stalled, not dead
+    monkeypatch.setattr("flover_backend.server.watchdog.find_stubs", lambda pid, include_dead=False: [stub])
     watchdog = Watchdog(server, stall_s=0.0, max_restarts=2)
     monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
     server.page = 'flover_requests_running{model="m"} 2\nflover_iterations_total{model="m"} 7\n'
@@ -233,4 +235,14 @@ def test_a_stub_dead_before_the_watchdog_first_looked_is_recovered(monkeypatch):
     watchdog = Watchdog(server)
     monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
     assert watchdog.urgent()
+    assert watchdog.check() == ["m"] and server.actions == ["restart"]
+
+
+def test_a_loaded_model_without_any_backend_process_is_recovered(monkeypatch):
+    """A stub that died and was reaped before the watchdog ever saw it leaves a READY model with no backend:
+    that model is broken too (its requests in flight hang), so the server restarts."""
+    monkeypatch.setattr(watchdog_module, "find_stubs", lambda server_pid, include_dead=False: [])
+    server = FakeServer(["m"])
+    watchdog = Watchdog(server)
+    monkeypatch.setattr(watchdog, "_metrics", lambda: server.page)
     assert watchdog.check() == ["m"] and server.actions == ["restart"]

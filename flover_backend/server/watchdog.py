@@ -164,9 +164,12 @@ class Watchdog:
         self._stubs = live
         broken = {stub.model: Fault(f"its backend process {stub.pid} died", restart=True)
                   for stub in self._dead_stubs if stub.model in ready}  # a clean unload also ends the stub
+        served = {stub.model for stub in live.values()}
         for model in self.models:
             if model not in ready:
                 broken.setdefault(model, Fault("it is no longer loaded (its engine failed)", restart=False))
+            elif model not in served:  # its stub died (and was reaped) before this watchdog first saw it
+                broken.setdefault(model, Fault("it is loaded but has no backend process", restart=True))
         metrics = self._metrics()
         running = parse_metric(metrics, "flover_requests_running")
         iterations = parse_metric(metrics, "flover_iterations_total")
