@@ -87,7 +87,7 @@ def prepare_stub_python(dest: Path | None = None) -> Path:
     on the stub's sys.path, so model.py can `import flover_backend` and torch without being installed.
     Folders in FLOVER_STUB_PATH (os.pathsep-separated) go ahead of those site-packages, for the stub alone: the
     stub's pybind11 reads NumPy arrays through NumPy 1.x's struct layout, so where the interpreter has NumPy 2
-    a NumPy 1.26 installed into such a folder is what the stub must import (README, "On a GPU").
+    a NumPy 1.26 installed into such a folder is what the stub must import (README, "GPUs").
     """
     stub_path = [d for d in os.environ.get("FLOVER_STUB_PATH", "").split(os.pathsep) if d]
     if dest is None:  # one prefix per interpreter and stub path, so servers launched with others keep theirs
