@@ -1,7 +1,7 @@
 """The real server on the GPU: tritonserver from the bundle (gpu_server_bundle.py), 1 and 32 streams through HTTP
 `generate_stream` beside the same requests in-process; what the server costs per token.
 
-Run by benchmarks/gpu_check.sh on the lent GPU (its bundle built here first, README "On a GPU"); on a CPU with
+Run by benchmarks/gpu_check.sh on the lent GPU (its bundle built here first, benchmarks/results/README.md "On a lent GPU"); on a CPU with
 the tiny model it is the same path (tests/test_gpu_server_bundle.py). Writes server_gpu.json and server_gpu.md.
 """
 
@@ -71,7 +71,7 @@ def measure_in_turns(settings: dict, streams: list[int], gen_len: int, prompt_le
     runs: dict[int, list[dict]] = {n: [] for n in streams}
     with TritonServer(repo, **ports, log_path=log, ready_timeout_s=ready_timeout_s) as server, \
             Engine(EngineConfig(**settings)) as engine:
-        # A text input first: with NumPy 2 in the stub, exactly this request killed it (README "On a lent GPU").
+        # A text input first: with NumPy 2 in the stub, exactly this request killed it (README "GPUs").
         chunks = list(stream_http(server.http_url, "flover", text_input="Temporal fusion", max_tokens=4,
                                   ignore_eos=True, timeout_s=120))
         if not chunks or chunks[-1].finish_reason != "length":
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_num_seqs": max(args.streams),
                 "max_model_len": args.prompt_len + args.gen_len + 16}
     if not args.bundle.is_file():
-        raise SystemExit(f"no {args.bundle}: build it on a machine with pytriton first (README, 'On a lent GPU'): "
+        raise SystemExit(f"no {args.bundle}: build it on a machine with pytriton first (benchmarks/results/README.md, 'The Triton server on a lent GPU'): "
                          "python -m benchmarks.gpu_server_bundle --python 3.12 --download-numpy")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="flover-gpu-server-") as tmp:

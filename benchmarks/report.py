@@ -34,9 +34,33 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "gemm_table.md": "`python -m benchmarks.gemm_table`: the model's matmuls at 1 / 4 / 8 / 32 rows by MKL, oneDNN, "
                      "the few-row kernel and inductor",
     "server_overhead.md": "the overhead section alone (its runs: server_overhead.json); `--overhead-only` reruns it",
+    "arena_ab.md": "`python -m benchmarks.arena_ab`: the decode forward through the arena object against the old 6-D "
+                   "indexing, in turns at 1 / 8 / 32 rows",
+    "prefix_reuse.md": "`python -m benchmarks.prefix_reuse`: prefix reuse on against off, in turns: issue 24's "
+                       "shared-prefix trace, a multi-turn trace, and a copied position's cost against a computed one",
+    "prefix_read_cost.md": "`python -m benchmarks.prefix_reuse --prefix-read-cost`: what reading each row's copy of a "
+                           "shared 320-position prefix adds to a 32-row decode step, the bound on what a cascade "
+                           "could save",
+    "prompt_logprobs_cost.md": "`python -m benchmarks.prompt_logprobs_cost`: a prompt's prefill iterations with and "
+                               "without prompt logprobs, 8 neighbours decoding",
+    "structured_output.json": "`python -m benchmarks.structured_output`: xgrammar against outlines-core (compile "
+                              "and mask times), and what constrained rows add to the sampling step and the iteration",
+    "log_copy.md": "`python -m benchmarks.log_copy`: the launcher's capped log copying tritonserver's output",
     "gpu/gpu_check.md": "`bash benchmarks/gpu_check.sh` on a lent NVIDIA H200 (`gpu/card.txt`), the fifth session",
     "gpu/run3/gpu_check.md": "the same script on another H200, on the code of the sixth session",
+    "gpu/prefill_graphs_ab.md": "`python -m benchmarks.gpu_check --prefill-graphs-ab 3` on the H200: prefill graphs "
+                                "on against off, in turns",
 }
+# The hand-written part of this folder's README (measurement notes, GPU runs, bounds) starts at this line;
+# `make bench` rewrites the tables above it and keeps it.
+NOTES_MARKER = "<!-- Hand-written below this line: `make bench` keeps it when it rewrites the tables above. -->"
+
+
+def _kept_notes(readme: Path) -> list[str]:
+    """The hand-written part of an existing results README, from NOTES_MARKER on; none without the marker."""
+    text = readme.read_text() if readme.exists() else ""
+    at = text.find(NOTES_MARKER)
+    return [text[at:].rstrip("\n"), ""] if at >= 0 else []
 
 
 def write_report(results: dict, out_dir: Path, name: str) -> str:
@@ -44,7 +68,9 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     return a one-line summary."""
     lines = [f"# Experiments ({results['scale']['model']})", "",
              "Written by `make bench` (the seed's experiments through the server, and vLLM-CPU side by side).",
-             "Figures vary 10-20% from run to run on this shared 2-core machine: compare ratios within a run.", ""]
+             "Figures vary 10-20% from run to run on this shared 2-core machine: compare ratios within a run.",
+             "The notes after the tables (what the figures mean, the GPU runs, what was tried) are hand-written;",
+             "each run keeps them.", ""]
     others = [f"- [{file}]({file}): {what}" for file, what in OTHER_RESULTS.items() if (out_dir / file).exists()]
     lines += ["Other results here:", "", *others, ""] if others else []
     exp1 = results["exp1_scaling"]["rows"]
@@ -89,6 +115,7 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     _plot_over_time(heavy, out_dir, name)
     _plot_scaling(exp1, out_dir, name)
     lines += [f"![total time vs N]({name}_scaling.png)", ""]
+    lines += _kept_notes(out_dir / "README.md")
     (out_dir / "README.md").write_text("\n".join(lines))
     last = exp1[-1]
     return (f"{name}: N={last['num_requests']} fused {last['total_s']['fused']:.1f}s, "

@@ -87,7 +87,7 @@ def prepare_stub_python(dest: Path | None = None) -> Path:
     on the stub's sys.path, so model.py can `import flover_backend` and torch without being installed.
     Folders in FLOVER_STUB_PATH (os.pathsep-separated) go ahead of those site-packages, for the stub alone: the
     stub's pybind11 reads NumPy arrays through NumPy 1.x's struct layout, so where the interpreter has NumPy 2
-    a NumPy 1.26 installed into such a folder is what the stub must import (README, "On a GPU").
+    a NumPy 1.26 installed into such a folder is what the stub must import (README, "GPUs").
     """
     stub_path = [d for d in os.environ.get("FLOVER_STUB_PATH", "").split(os.pathsep) if d]
     if dest is None:  # one prefix per interpreter and stub path, so servers launched with others keep theirs
@@ -135,8 +135,8 @@ def server_env(stub_bin: Path | None = None) -> dict[str, str]:
     env["PATH"] = f"{stub_bin or prepare_stub_python()}{os.pathsep}{env.get('PATH', os.defpath)}"
     if "OMP_WAIT_POLICY" not in env:
         # torch's OpenMP threads spin ~300k rounds at each barrier by default: in a server they then steal
-        # the cores the responder thread, tritonserver and the clients need. Measured here through the server,
-        # 32 streams x 128 tokens: 318 -> 366 tok/s greedy, 276 -> 323 sampled; one stream unchanged.
+        # the cores the responder thread, tritonserver and the clients need. Measured through the server on the
+        # 2-core AMD EPYC (builtin:small), 32 streams x 128 tokens: 318 -> 366 tok/s greedy, 276 -> 323 sampled; one stream unchanged.
         env.setdefault("GOMP_SPINCOUNT", "30000")
     return env
 

@@ -127,7 +127,7 @@ class KVArena:
 
 def _cupy():
     """CuPy, or None where it does not import: CuPy 14 needs NumPy 2, and Triton's Python stub needs NumPy 1.x
-    (README, "On a GPU"), so under the stub the arena is torch's own memory."""
+    (README, "GPUs"), so under the stub the arena is torch's own memory."""
     try:
         import cupy
     except ImportError:

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # prompts of every length made the backend's memory creep up.
 PREFILL_ALIGN = 8
 # A chunk joins a longer chunk's forward only if that pads it by at most this many positions; past that, its own
-# forward costs less. A forward reads every weight once (~the 1-row decode step, 25 ms for builtin:small here),
+# forward costs less. A forward reads every weight once (~the 1-row decode step, 25 ms for builtin:small on the 2-core AMD EPYC),
 # which is the compute of ~27 prompt tokens; padding 16-400-token prompts to the longest computed 1.52x the
 # positions they needed.
 MAX_PREFILL_PADDING = 32

@@ -1,7 +1,7 @@
 """The CPU sampling kernel (sampling.c): sampling_pass's floors and race for every sampled row in one call.
 
 Ranking a row's nucleus with torch costs a topk as wide as the nucleus: on a 32000-token vocabulary, a
-nucleus of ~300 tokens (temperature 0.8, top_p 0.9 on flat logits) took ~9 ms for 32 rows, and the race
+nucleus of ~300 tokens (temperature 0.8, top_p 0.9 on flat logits) took ~9 ms for 32 rows on the 2-core AMD EPYC (`make bench-sampling`), and the race
 over many contending blocks ~1.5 ms more. The kernel looks again only at the tokens its blocks' maxima
 cannot rule out, bins those by distance below the top, sorts only the bins where the k-th token and the
 nucleus's end fall, and races over the masses it already computed.
