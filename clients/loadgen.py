@@ -77,6 +77,8 @@ def stream_openai(base_url: str, model: str, item: TraceRequest, sampled: bool =
             if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                 continue
             event = json.loads(line[len(b"data:"):])
+            if "error" in event:  # vLLM reports a failure mid-stream as an event, after the 200
+                raise RuntimeError(f"{base_url}: {event['error'].get('message', event['error'])}")
             if not event.get("choices"):  # a usage-only chunk
                 continue
             choice = event["choices"][0]
