@@ -57,3 +57,22 @@ def sequence_logits():
             return model.compute_logits(model.forward(torch.tensor([token_ids]), batch, kv)[0])
 
     return logits
+
+
+@pytest.fixture(scope="module")
+def front(server, tmp_path_factory):
+    """The OpenAI front beside the requesting module's own `server` fixture (a TritonServer)."""
+    from flover_backend.ports import find_free_port
+    from flover_backend.server.openai_launcher import OpenAIFront
+
+    log = tmp_path_factory.mktemp("front") / "front.log"
+    with OpenAIFront(server.grpc_url, port=find_free_port(), log_path=log, admin_key=server.admin_key) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(front):
+    """The official `openai` client of that front."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -6,13 +6,11 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from clients.triton_stream import ServerError, stream_grpc
 from flover_backend.ports import find_free_port
 from flover_backend.sampling.structured_output import MAX_SCHEMA_BYTES
-from flover_backend.server.openai_launcher import OpenAIFront
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 from tests.test_structured_output import MAX_PERSON_TOKENS, PERSON
@@ -29,18 +27,6 @@ def server(tmp_path_factory, builtin_home):
     ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def front(server, tmp_path_factory):
-    log = tmp_path_factory.mktemp("front") / "front.log"
-    with OpenAIFront(server.grpc_url, port=find_free_port(), log_path=log, admin_key=server.admin_key) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(front):
-    return openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "sampled"])
