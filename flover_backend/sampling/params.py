@@ -6,14 +6,7 @@ import dataclasses
 from typing import Any
 
 from flover_backend.errors import InvalidRequestError
-from flover_backend.param_table import (  # noqa: F401 - the bounds, importable from here as before
-    MAX_LOGPROBS,
-    MAX_STOP_STRING_CHARS,
-    MAX_STOP_STRINGS,
-    MAX_STOP_TOKEN_IDS,
-    PARAMS,
-    Param,
-)
+from flover_backend.param_table import PARAMS, Param
 from flover_backend.sampling.structured_output import GuidedDecoding, guided_decoding
 
 # Below this, temperature scaling could overflow float32 (logits / 1e-38 is inf) long before it could change
