@@ -30,6 +30,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks that split the model's heads and MLP columns
     cuda_graphs: bool = True  # replay the decode step as CUDA graphs; only on CUDA with tensor_parallel_size 1
     native_attention: bool = True  # CPU fp32 decode attention in the compiled kernel (native/decode_attention.c)
+    # With native_attention: decode rows holding copies of one reused prefix read it once for all of them
+    shared_prefix_attention: bool = True
     native_elementwise: bool = True  # CPU fp32 RMSNorm, rotary and SwiGLU in native/elementwise.c (Llama family)
     native_small_gemm: bool = True  # CPU fp32 linear layers at 1-12 rows in native/small_gemm.c (own weight layout)
     native_sampling: bool = True  # CPU sampling pass (top-k / top-p floors, race) in native/sampling.c

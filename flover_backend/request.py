@@ -59,6 +59,10 @@ class Request:
     row: int = -1  # arena row while running
     num_computed_tokens: int = 0  # prompt positions scheduled into the row so far (chunked prefill)
     num_prefix_cached_tokens: int = 0  # of those, copied from another row's keys rather than computed
+    # Positions [0, kv_source_len) of the row are bit-for-bit the keys of prefix `kv_source` (prefix reuse
+    # names one whenever a row is copied from), so rows naming the same source can read them from one row.
+    kv_source: int | None = None
+    kv_source_len: int = 0
     error: str | None = None
     cumulative_logprob: float = 0.0  # of the tokens generated so far, summed if the request asks for logprobs
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. so far, if asked for

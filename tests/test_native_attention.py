@@ -95,3 +95,50 @@ def test_caches_whose_head_values_are_not_contiguous_are_refused(kernel):
     with pytest.raises(ValueError, match="contiguous"):
         kernel(torch.ones(1, 2, 1, 8), new, new, k_cache.transpose(2, 3), v_cache.transpose(2, 3),
                torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(1, MAX_LEN - 2), min_size=1, max_size=7), data=st.data(),
+       group=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16), position_major=st.booleans())
+def test_rows_sharing_a_prefix_copy_get_the_same_bits_as_reading_their_own(kernel, lens, data, group, seed,
+                                                                            position_major):
+    """Rows that hold copies of one prefix (some of them, of different lengths, from different sources) read it
+    once from their group's reference: every output bit and every stored key is what reading their own gives."""
+    num_kv_heads, head_dim, rows = 2, 8, len(lens)
+    sources = data.draw(st.lists(st.sampled_from([None, 7, 9]), min_size=rows, max_size=rows))
+    shared = [data.draw(st.integers(0, length)) for length in lens]
+    k_cache, v_cache = arena_layer(rows, num_kv_heads, head_dim, seed, position_major)
+    for source in {s for s in sources if s is not None}:  # each member's shared positions copied from the longest
+        members = [r for r in range(rows) if sources[r] == source]
+        longest = max(members, key=lambda r: shared[r])
+        for r in members:
+            k_cache[r, :, :shared[r]] = k_cache[longest, :, :shared[r]]
+            v_cache[r, :, :shared[r]] = v_cache[longest, :, :shared[r]]
+    q = random(rows, num_kv_heads * group, 1, head_dim, seed=seed + 1)
+    k, v = random(rows, num_kv_heads, 1, head_dim, seed=seed + 2), random(rows, num_kv_heads, 1, head_dim, seed=seed + 3)
+    write_pos = torch.tensor(lens)
+    starts, ends = torch.zeros(rows, dtype=torch.long), write_pos + 1
+    outputs, caches = [], []
+    for groups in (None, native_attention.group_rows(sources, shared)):
+        k_copy, v_copy = k_cache.clone(), v_cache.clone()
+        outputs.append(kernel(q, k, v, k_copy, v_copy, write_pos, starts, ends, groups))
+        caches.append((k_copy, v_copy))
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*caches))
+
+
+def test_rows_are_grouped_by_the_prefix_they_copied_longest_first():
+    groups = native_attention.group_rows([4, None, 4, 8, 4, 8], [10, 0, 30, 5, 20, 0])
+    assert groups.order.tolist() == [2, 4, 0, 1, 3, 5]
+    assert groups.starts.tolist() == [0, 3, 4, 5, 6]
+    assert groups.shared.tolist() == [10, 0, 30, 0, 20, 0]  # row 3 alone in its group: reads its own
+    assert native_attention.group_rows([1, None, 2], [5, 0, 5]) is None
+
+
+def test_groups_that_do_not_cover_the_batch_are_refused(kernel):
+    k_cache, v_cache = arena_layer(2, 1, 8, seed=5)
+    new = torch.ones(2, 1, 1, 8)
+    groups = native_attention.group_rows([1, 1, 2], [3, 3, 0])
+    with pytest.raises(ValueError, match="cover 3 rows"):
+        kernel(torch.ones(2, 1, 1, 8), new, new, k_cache, v_cache, torch.tensor([3, 3]), torch.tensor([0, 0]),
+               torch.tensor([4, 4]), groups)

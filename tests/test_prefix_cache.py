@@ -6,9 +6,10 @@ import logging
 import pytest
 
 from flover_backend import Engine, EngineConfig, SamplingParams
-from flover_backend.engine.prefix_cache import common_prefix_len
+from flover_backend.engine.prefix_cache import WHOLE_ROW, common_prefix_len
 from flover_backend.engine.scheduler import Scheduler
 from flover_backend.execution.row_table import RowMove, RowTable
+from flover_backend.native import attention as native_attention
 from flover_backend.request import Request, RequestStatus
 
 SHARED = [40 + (7 * i) % 150 for i in range(30)]  # a 30-token "system prompt"
@@ -83,6 +84,45 @@ def test_scheduler_copies_the_longest_held_start_and_leaves_the_last_prompt_toke
     assert same.num_prefix_cached_tokens == 31
 
 
+def test_rows_copied_from_one_prefix_name_one_source_and_only_the_positions_they_hold_of_it():
+    """The shared-prefix attention reads a group's copied positions from one of its rows, so a row must name a
+    source only for positions that are that source's bits: a copy of a copy passes on the first copy's length."""
+    scheduler = Scheduler(EngineConfig(max_num_seqs=8))
+    origin = Request("origin", SHARED + [1, 2], SamplingParams(max_tokens=4))
+    scheduler.add_request(origin)
+    scheduler.schedule(0.0)
+    assert origin.kv_source is None  # nobody has copied from it yet
+    short = Request("short", SHARED[:20] + [90 + i for i in range(20)], SamplingParams(max_tokens=4))
+    scheduler.add_request(short)
+    scheduler.schedule(0.0)
+    assert origin.kv_source is not None and origin.kv_source_len == WHOLE_ROW
+    assert (short.kv_source, short.kv_source_len) == (origin.kv_source, 20)
+    scheduler.schedule(0.0)  # short's own tokens are in its row now
+    via_short = Request("via", SHARED[:20] + [90 + i for i in range(15)] + [3], SamplingParams(max_tokens=4))
+    scheduler.add_request(via_short)
+    out = scheduler.schedule(0.0)
+    assert out.prefix_copies == [RowMove(short.row, via_short.row, 35)]  # 35 positions copied from `short`...
+    assert (via_short.kv_source, via_short.kv_source_len) == (origin.kv_source, 20)  # ...20 of them origin's bits
+    alone = Request("alone", [300 + i for i in range(12)], SamplingParams(max_tokens=4))
+    scheduler.add_request(alone)
+    scheduler.schedule(0.0)
+    assert alone.kv_source is None
+
+
+def test_a_retained_row_keeps_the_source_its_keys_are_and_names_one_when_first_copied():
+    scheduler = Scheduler(EngineConfig(max_num_seqs=4))
+    done = Request("done", SHARED, SamplingParams(max_tokens=1))
+    scheduler.add_request(done)
+    scheduler.schedule(0.0)
+    done.output_token_ids.append(5)
+    scheduler.finish(done, RequestStatus.FINISHED_LENGTH)
+    first, second = (Request(name, SHARED + [7, i], SamplingParams(max_tokens=1)) for i, name in enumerate("ab"))
+    for request in (first, second):
+        scheduler.add_request(request)
+        scheduler.schedule(0.0)
+    assert first.kv_source is not None and (first.kv_source, first.kv_source_len) == (second.kv_source, 30)
+
+
 def test_a_finished_request_is_retained_and_an_error_is_not():
     scheduler = Scheduler(EngineConfig(max_num_seqs=4))
     done, failed = (Request(req_id, SHARED, SamplingParams(max_tokens=1)) for req_id in ("done", "failed"))
@@ -155,8 +195,13 @@ def serve(scenario: str, prefix_caching: bool, sampled: bool = False, **override
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("scenario", ["moved", "finishes", "aborted"])
-def test_outputs_with_reuse_equal_outputs_without(scenario, sampled):
+def test_outputs_with_reuse_equal_outputs_without(scenario, sampled, monkeypatch):
+    grouped = []
+    group_rows = native_attention.group_rows
+    monkeypatch.setattr(native_attention, "group_rows", lambda *a: grouped.append(group_rows(*a)) or grouped[-1])
     with_reuse, cached, schedules = serve(scenario, True, sampled)
+    # Rows holding the shared prefix's copies read it once (the kernel's shared-prefix attention) in some steps.
+    assert any(groups is not None and len(groups.starts) < len(groups.order) + 1 for groups in grouped)
     without, no_cached, _ = serve(scenario, False, sampled)
     assert with_reuse == without
     assert set(no_cached.values()) == {0}

@@ -23,6 +23,7 @@ from flover_backend.execution.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillG
 from flover_backend.execution.row_table import RowMove
 from flover_backend.execution.workers import WorkerGroup, check_gpus, rank_device
 from flover_backend.native import attention as native_attention
+from flover_backend.native.attention import SharedPrefixGroups
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
 from flover_backend.native import small_gemm as native_small_gemm
@@ -101,15 +102,20 @@ class StepPlan:
     prefill_token_ids: list[list[int]]  # each row's prompt chunk
     prefill_starts: list[int]  # the chunk's first position
     prefill_last: list[bool]  # whether the chunk ends its prompt: only those rows yield a hidden state
+    # Per decoding request: the prefix copy its first positions hold (Request.kv_source) and how many of its
+    # positions are that copy, so rows holding the same one read it once (the native attention kernel).
+    decode_sources: list[int | None] = field(default_factory=list)
+    decode_shared: list[int] = field(default_factory=list)
 
     @classmethod
     def from_output(cls, out: SchedulerOutput) -> StepPlan:
         """The plan for a scheduler decision."""
-        chunks = out.prefill
-        return cls(out.moves, out.prefix_copies, out.decode_span, [r.row for r in out.decode], [r.last_token_id for r in out.decode],
-                   [r.num_cached_tokens for r in out.decode], [c.request.row for c in chunks],
-                   [c.request.prompt_token_ids[c.start:c.end] for c in chunks], [c.start for c in chunks],
-                   [c.is_last for c in chunks])
+        chunks, decode = out.prefill, out.decode
+        return cls(out.moves, out.prefix_copies, out.decode_span, [r.row for r in decode],
+                   [r.last_token_id for r in decode], [r.num_cached_tokens for r in decode],
+                   [c.request.row for c in chunks], [c.request.prompt_token_ids[c.start:c.end] for c in chunks],
+                   [c.start for c in chunks], [c.is_last for c in chunks], [r.kv_source for r in decode],
+                   [min(r.kv_source_len, r.num_cached_tokens) for r in decode])
 
 
 class ModelRunner:
@@ -155,6 +161,7 @@ class ModelRunner:
             position_major=self.attention_kernel is not None,
         )
         self.max_model_len = config.max_model_len
+        self.shared_prefix_attention = config.shared_prefix_attention
         # Graphs hold no collectives: with tensor parallelism every rank decodes eagerly.
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and world == 1
         self.decode_graphs = DecodeGraphs(self.model, self.arena, config.max_num_seqs, config.max_model_len,
@@ -253,7 +260,7 @@ class ModelRunner:
             decode_ids, context_lens, write_pos = self._decode_inputs(plan)
             host = torch.tensor([context_lens, write_pos], device=self.device)
             parts.append(ForwardBatch.decode(slice(0, plan.decode_span), host[0], max(context_lens) + 1, self.dtype,
-                                             host[1], self.attention_kernel))
+                                             host[1], self.attention_kernel, self._shared_prefixes(plan)))
             token_ids += decode_ids
         ends_prompt = []  # where each chunk that ends its prompt has its last token
         begins = []  # where each chunk's first token is
@@ -288,6 +295,17 @@ class ModelRunner:
         for row, token_id, context_len in zip(plan.decode_rows, plan.decode_token_ids, plan.decode_context_lens):
             token_ids[row], context_lens[row], write_pos[row] = token_id, context_len, context_len
         return token_ids, context_lens, write_pos
+
+    def _shared_prefixes(self, plan: StepPlan) -> SharedPrefixGroups | None:
+        """The decode span's rows grouped by the prefix copy they hold, for the attention kernel to read each once;
+        None without the kernel, with the setting off, or when no two rows hold one."""
+        if self.attention_kernel is None or not self.shared_prefix_attention:
+            return None
+        sources: list[int | None] = [None] * plan.decode_span
+        shared = [0] * plan.decode_span
+        for row, source, length in zip(plan.decode_rows, plan.decode_sources, plan.decode_shared):
+            sources[row], shared[row] = source, length
+        return native_attention.group_rows(sources, shared)
 
     def _decoding_rows(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor:
         """The decoding requests' hidden states, in plan order, out of the whole span's."""

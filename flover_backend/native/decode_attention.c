@@ -6,12 +6,16 @@
  * a row's visible keys for all its heads are then one contiguous span, which streams at near the memory's
  * rate, where a span per (row, head) read ~35% slower on this machine (measured, 32 rows x 76 positions).
  *
- * The work is split into items of (row, block of kv heads): a whole row per item when the batch has rows
+ * Rows whose first positions hold copies of one shared prefix (prefix reuse) are attended as a group: the
+ * prefix's keys and values are read once from one of them (the group's reference) for all, where each row
+ * would otherwise stream its own copy. 32 rows behind a shared 320-token prompt read 1/32 of those bytes.
+ *
+ * The work is split into items of (group, block of kv heads): a whole group per item when there are groups
  * enough for every thread, else its heads shared out. Each query head's result is computed in a fixed order
- * whatever the split: scores over the visible positions, softmax, the values' weighted sum. So what else is
- * in the batch never changes a row's bits. Built by attention.py with -fopenmp (see build.py): the
- * process's OpenMP runtime is torch's own libgomp (already loaded, same soname), so the loop shares torch's
- * threads.
+ * whatever the split or grouping: scores over the visible positions, softmax, the values' weighted sum in
+ * position order. So neither what else is in the batch nor reading a shared prefix from another row's copy
+ * changes a row's bits. Built by attention.py with -fopenmp (see build.py): the process's OpenMP runtime is
+ * torch's own libgomp (already loaded, same soname), so the loop shares torch's threads.
  */
 #include <math.h>
 #include <omp.h>
@@ -25,41 +29,160 @@ typedef struct {
     int64_t row, head, position; /* floats between consecutive rows, kv heads and positions */
 } Strides;
 
-/* One item's query heads (`num_queries` consecutive ones, sharing kv heads `group` at a time) against the
- * positions [start, start + count) of `keys` and `values`, which point at the item's first kv head. */
-static void attend(const float *q, const float *keys, const float *values, Strides strides, int64_t start,
-                   int64_t count, int64_t num_queries, int64_t group, int64_t head_dim, int64_t max_positions,
-                   float scale, float *probs, float *out) {
-    for (int64_t i = 0; i < num_queries * head_dim; i++) out[i] = 0.0f;
-    if (count == 0) return;
+/* Every score is this dot product: LANES running sums (lane l takes d = l, l + LANES, ...), each a chain of
+ * multiply-adds, then a fixed tree. Spelled out with GCC's vector types rather than left to `omp simd
+ * reduction`, whose order the compiler picks per loop: a score's bits must not depend on which loop computes it.
+ * A vector statement is one operation per lane on every target (two 8-float halves on AVX2), so the lanes'
+ * arithmetic is the same wherever the function is inlined. */
+#define LANES 16
+typedef float Vec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline Vec load(const float *at) {
+    Vec v;
+    __builtin_memcpy(&v, at, sizeof v);
+    return v;
+}
+
+/* The first `count` (< LANES) floats from `at`, zeros after. */
+static inline Vec load_part(const float *at, int64_t count) {
+    Vec v = {0.0f};
+    __builtin_memcpy(&v, at, sizeof(float) * (size_t)count);
+    return v;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    Vec acc = {0.0f};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) acc = load(a + d) * load(b + d) + acc;
+    if (d < n) acc = load_part(a + d, n - d) * load_part(b + d, n - d) + acc;
+    typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
+    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
+    const Half h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Quarter r = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (r[0] + r[2]) + (r[1] + r[3]);
+}
+
+/* Positions are taken TILE at a time, so a tile's keys or values (for a block of heads) stay in the L1 cache
+ * while every member of a group and every query head reads them. */
+#define TILE 8
+
+/* probs[s - offset] = scale * q . keys(s) for s in [from, to): one query head against one kv head's keys. */
+static inline void score_tile(const float *qv, const float *keys, int64_t position_stride, int64_t from, int64_t to,
+                              int64_t head_dim, float scale, float *probs, int64_t offset) {
+    for (int64_t s = from; s < to; s++) probs[s - offset] = dot(qv, keys + s * position_stride, head_dim) * scale;
+}
+
+/* out += sum over s in [from, to), in that order, of probs[s - offset] * values(s): each element one chain of
+ * multiply-adds, kept in registers across the tile. */
+static inline void weigh_tile(float *out, const float *values, int64_t position_stride, int64_t from, int64_t to,
+                              int64_t head_dim, const float *probs, int64_t offset) {
+    int64_t d = 0;
+    for (; d + LANES <= head_dim; d += LANES) {
+        Vec acc = load(out + d);
+        for (int64_t s = from; s < to; s++) acc = probs[s - offset] * load(values + s * position_stride + d) + acc;
+        __builtin_memcpy(out + d, &acc, sizeof acc);
+    }
+    if (d < head_dim) {
+        const int64_t rest = head_dim - d;
+        Vec acc = load_part(out + d, rest);
+        for (int64_t s = from; s < to; s++)
+            acc = probs[s - offset] * load_part(values + s * position_stride + d, rest) + acc;
+        __builtin_memcpy(out + d, &acc, sizeof(float) * (size_t)rest);
+    }
+}
+
+/* What member `row` of a group reads: positions [start, end), of which [start, share) from the group's reference. */
+typedef struct {
+    int64_t row, start, end, share;
+} Member;
+
+static inline Member member(int64_t row, const int64_t *shared, const int64_t *starts, const int64_t *ends,
+                            int64_t max_positions) {
+    /* Clamped to the row, so no value handed in can make the kernel read outside the arena. */
+    const int64_t start = starts[row] < 0 ? 0 : starts[row];
+    const int64_t end = ends[row] > max_positions ? max_positions : ends[row];
+    int64_t share = shared != NULL && start == 0 ? shared[row] : 0; /* a window's rows read their own keys */
+    share = share < 0 ? 0 : share > end ? end : share;
+    return (Member){row, start, end, share};
+}
+
+/* The softmax of one query head's `count` scores, in place. */
+static inline void softmax(float *p, int64_t count) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t s = 0; s < count; s++) top = p[s] > top ? p[s] : top;
     for (int64_t s = 0; s < count; s++) {
-        const float *at = keys + (start + s) * strides.position;
-        for (int64_t j = 0; j < num_queries; j++) {
-            const float *k = at + (j / group) * strides.head, *qv = q + j * head_dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; d++) dot += qv[d] * k[d];
-            probs[j * max_positions + s] = dot * scale;
+        p[s] = exp_nonpositive(p[s] - top);
+        total += p[s];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t s = 0; s < count; s++) p[s] *= inv;
+}
+
+/* Rows that hold the same keys for their first positions (copies of one prefix), attended together for a block
+ * of kv heads from `first`: `members` are the rows, the first of them the reference, which holds the shared
+ * positions of all the others. A member's positions [0, share) are read from the reference, once for every
+ * member, the rest from its own row. Each (row, query head) still gets its scores, softmax and weighted sum of
+ * values with the same arithmetic in the same order as a row alone gets them, and the reference's keys are the
+ * member's own bits, so sharing changes no bit of any result: only how often the shared keys are read. A group
+ * of one is a row alone. `probs` holds num_members x num_queries x max_positions floats. */
+static void attend_group(const float *q, const float *k_cache, const float *v_cache, Strides strides,
+                         const int64_t *members, int64_t num_members, const int64_t *shared, const int64_t *starts,
+                         const int64_t *ends, int64_t first, int64_t num_queries, int64_t group, int64_t num_heads,
+                         int64_t head_dim, int64_t max_positions, float scale, float *probs, float *out) {
+    const int64_t reference = members[0] * strides.row + first * strides.head, width = num_queries * head_dim;
+    const int64_t pos = strides.position;
+    int64_t top_shared = 0;
+    for (int64_t i = 0; i < num_members; i++) {
+        const Member m = member(members[i], shared, starts, ends, max_positions);
+        top_shared = m.share > top_shared ? m.share : top_shared;
+        float *o = out + (m.row * num_heads + first * group) * head_dim;
+        for (int64_t d = 0; d < width; d++) o[d] = 0.0f;
+    }
+    /* Scores: the shared keys a tile at a time for every member, then each member's own keys, then its softmax. */
+    for (int64_t tile = 0; tile < top_shared; tile += TILE) {
+        for (int64_t i = 0; i < num_members; i++) {
+            const Member m = member(members[i], shared, starts, ends, max_positions);
+            const int64_t to = tile + TILE < m.share ? tile + TILE : m.share;
+            const float *qs = q + (m.row * num_heads + first * group) * head_dim;
+            for (int64_t j = 0; j < num_queries && tile < to; j++)
+                score_tile(qs + j * head_dim, k_cache + reference + (j / group) * strides.head, pos, tile, to,
+                           head_dim, scale, probs + (i * num_queries + j) * max_positions, 0);
         }
     }
-    for (int64_t j = 0; j < num_queries; j++) {
-        float *p = probs + j * max_positions, top = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < count; s++) top = p[s] > top ? p[s] : top;
-#pragma omp simd reduction(+ : total)
-        for (int64_t s = 0; s < count; s++) {
-            p[s] = exp_nonpositive(p[s] - top);
-            total += p[s];
-        }
-        const float inv = 1.0f / total;
-        for (int64_t s = 0; s < count; s++) p[s] *= inv;
+    for (int64_t i = 0; i < num_members; i++) {
+        const Member m = member(members[i], shared, starts, ends, max_positions);
+        const float *qs = q + (m.row * num_heads + first * group) * head_dim;
+        const float *keys = k_cache + m.row * strides.row + first * strides.head;
+        const int64_t own = m.share > m.start ? m.share : m.start;
+        float *p = probs + i * num_queries * max_positions;
+        for (int64_t s = own; s < m.end; s++) /* in memory order: all the block's heads at a position are adjacent */
+            for (int64_t j = 0; j < num_queries; j++)
+                p[j * max_positions + s - m.start] =
+                    dot(qs + j * head_dim, keys + s * pos + (j / group) * strides.head, head_dim) * scale;
+        for (int64_t j = 0; j < num_queries && m.end > m.start; j++) softmax(p + j * max_positions, m.end - m.start);
     }
-    for (int64_t s = 0; s < count; s++) {
-        const float *at = values + (start + s) * strides.position;
-        for (int64_t j = 0; j < num_queries; j++) {
-            const float *v = at + (j / group) * strides.head, weight = probs[j * max_positions + s];
-            float *o = out + j * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) o[d] += weight * v[d];
+    /* Values in position order: the shared ones a tile at a time for every member, then each member's own. */
+    for (int64_t tile = 0; tile < top_shared; tile += TILE) {
+        for (int64_t i = 0; i < num_members; i++) {
+            const Member m = member(members[i], shared, starts, ends, max_positions);
+            const int64_t to = tile + TILE < m.share ? tile + TILE : m.share;
+            float *os = out + (m.row * num_heads + first * group) * head_dim;
+            for (int64_t j = 0; j < num_queries && tile < to; j++)
+                weigh_tile(os + j * head_dim, v_cache + reference + (j / group) * strides.head, pos, tile, to,
+                           head_dim, probs + (i * num_queries + j) * max_positions, 0);
+        }
+    }
+    for (int64_t i = 0; i < num_members; i++) {
+        const Member m = member(members[i], shared, starts, ends, max_positions);
+        float *os = out + (m.row * num_heads + first * group) * head_dim;
+        const float *values = v_cache + m.row * strides.row + first * strides.head;
+        const int64_t own = m.share > m.start ? m.share : m.start;
+        for (int64_t tile = own; tile < m.end; tile += TILE) {
+            const int64_t to = tile + TILE < m.end ? tile + TILE : m.end;
+            for (int64_t j = 0; j < num_queries; j++)
+                weigh_tile(os + j * head_dim, values + (j / group) * strides.head, pos, tile, to, head_dim,
+                           probs + (i * num_queries + j) * max_positions, m.start);
         }
     }
 }
@@ -73,13 +196,23 @@ void flover_decode_attention(const float *q,        /* (rows, num_heads, head_di
                              int64_t row_stride, int64_t head_stride, int64_t position_stride,
                              const int64_t *starts, /* (rows,) first visible position */
                              const int64_t *ends,   /* (rows,) one past the last visible position */
+                             const int64_t *order,  /* (rows,) every row once, grouped; NULL: a group per row */
+                             const int64_t *group_starts, /* (num_groups + 1,) each group's first index in order */
+                             int64_t num_groups,
+                             const int64_t *shared, /* (rows,) leading positions read from the group's first row */
                              float *out,            /* (rows, num_heads, head_dim) */
                              int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                              int64_t max_positions, float scale) {
     const Strides strides = {row_stride, head_stride, position_stride};
     const int64_t group = num_heads / num_kv_heads;
-    /* Blocks enough that every thread gets two items, when the rows alone do not give it them. */
-    int64_t blocks = (2 * omp_get_max_threads() + rows - 1) / rows;
+    if (order == NULL) num_groups = rows;
+    int64_t largest = 1;
+    for (int64_t g = 0; order != NULL && g < num_groups; g++) {
+        const int64_t size = group_starts[g + 1] - group_starts[g];
+        largest = size > largest ? size : largest;
+    }
+    /* Blocks enough that every thread gets two items, when the groups alone do not give it them. */
+    int64_t blocks = (2 * omp_get_max_threads() + num_groups - 1) / num_groups;
     blocks = blocks < 1 ? 1 : blocks > num_kv_heads ? num_kv_heads : blocks;
     const int64_t heads_per_block = (num_kv_heads + blocks - 1) / blocks;
     blocks = (num_kv_heads + heads_per_block - 1) / heads_per_block;
@@ -93,18 +226,16 @@ void flover_decode_attention(const float *q,        /* (rows, num_heads, head_di
             memcpy(k_cache + at, k_new + item * head_dim, sizeof(float) * (size_t)head_dim);
             memcpy(v_cache + at, v_new + item * head_dim, sizeof(float) * (size_t)head_dim);
         } /* the loop's barrier: every key is stored before any row reads */
-        float *probs = malloc(sizeof(float) * (size_t)(max_positions * heads_per_block * group));
+        float *probs = malloc(sizeof(float) * (size_t)(largest * max_positions * heads_per_block * group));
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < rows * blocks; item++) {
-            const int64_t row = item / blocks, first = (item % blocks) * heads_per_block;
+        for (int64_t item = 0; item < num_groups * blocks; item++) {
+            const int64_t g = item / blocks, first = (item % blocks) * heads_per_block;
             const int64_t last = first + heads_per_block < num_kv_heads ? first + heads_per_block : num_kv_heads;
-            /* Clamped to the row, so no value handed in can make the kernel read outside the arena. */
-            const int64_t start = starts[row] < 0 ? 0 : starts[row];
-            const int64_t end = ends[row] > max_positions ? max_positions : ends[row];
-            const int64_t offset = row * row_stride + first * head_stride;
-            const int64_t query = (row * num_heads + first * group) * head_dim;
-            attend(q + query, k_cache + offset, v_cache + offset, strides, start, end > start ? end - start : 0,
-                   (last - first) * group, group, head_dim, max_positions, scale, probs, out + query);
+            const int64_t *members = order == NULL ? &g : order + group_starts[g];
+            const int64_t count = order == NULL ? 1 : group_starts[g + 1] - group_starts[g];
+            attend_group(q, k_cache, v_cache, strides, members, count, order == NULL ? NULL : shared,
+                         starts, ends, first, (last - first) * group, group, num_heads, head_dim, max_positions,
+                         scale, probs, out);
         }
         free(probs);
     }

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from flover_backend.native.attention import DecodeAttentionKernel
+from flover_backend.native.attention import DecodeAttentionKernel, SharedPrefixGroups
 
 
 class KVLayers(Protocol):
@@ -39,6 +39,7 @@ class ForwardBatch:
     chunks: list[tuple[int, int]] | None = None  # prefill after a first chunk: (start, length) per row
     prefix_mask: torch.Tensor | None = None  # with `chunks`: (B, 1, T, S) True where a query sees a key
     kernel: DecodeAttentionKernel | None = None  # decode: store and attend through it rather than matmuls
+    shared_prefixes: SharedPrefixGroups | None = None  # decode, with `kernel`: rows that read one prefix copy once
     parts: list[ForwardBatch] | None = None  # fused: batches whose tokens lie end to end in one (1, N) forward
     _write_index: dict = field(default_factory=dict)  # decode: flat arena offsets, built once per step
     _key_ranges: dict = field(default_factory=dict)  # decode: per sliding window, built once per step
@@ -112,7 +113,8 @@ class ForwardBatch:
 
     @classmethod
     def decode(cls, rows: slice, context_lens: torch.Tensor, num_keys: int, dtype: torch.dtype = torch.float32,
-               write_pos: torch.Tensor | None = None, kernel: DecodeAttentionKernel | None = None) -> ForwardBatch:
+               write_pos: torch.Tensor | None = None, kernel: DecodeAttentionKernel | None = None,
+               shared_prefixes: SharedPrefixGroups | None = None) -> ForwardBatch:
         """A batch that appends one token per row at position `context_lens[b]`.
 
         A row in the span that is not decoding (a hole, or a prompt still being written) has context 0 and
@@ -129,7 +131,7 @@ class ForwardBatch:
                                                                                                       -torch.inf)
         return cls(rows=rows, positions=context_lens[:, None], is_prefill=False,
                    write_pos=context_lens if write_pos is None else write_pos, key_bias=key_bias,
-                   kernel=kernel)
+                   kernel=kernel, shared_prefixes=shared_prefixes)
 
 
 def arena_attention(
@@ -174,7 +176,8 @@ def arena_attention(
     assert isinstance(batch.rows, slice), "decode covers a dense span of rows [0, n)"
     if batch.kernel is not None:
         starts, ends = batch.key_ranges(sliding_window)
-        return batch.kernel(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos, starts, ends)
+        return batch.kernel(q, k, v, k_cache[batch.rows], v_cache[batch.rows], batch.write_pos, starts, ends,
+                            batch.shared_prefixes)
     head_dim = k.shape[-1]
     index = batch.write_index(k_cache)
     flat_cache(k_cache).index_copy_(0, index, k.reshape(-1, head_dim))
