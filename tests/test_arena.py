@@ -27,15 +27,14 @@ def fill(arena: KVArena, row: int, start: int, stop: int, value: float) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(operations, st.booleans(), st.sampled_from(["numpy", "torch"]), st.booleans(), st.integers(0, 2))
-def test_held_rows_keep_their_kv_unchanged_and_compaction_keeps_live_rows_dense(ops, compaction, copier, position_major,
+@given(operations, st.booleans(), st.booleans(), st.integers(0, 2))
+def test_held_rows_keep_their_kv_unchanged_and_compaction_keeps_live_rows_dense(ops, compaction, position_major,
                                                                                  max_retained):
     """Live rows and retained ones (a finish with an odd argument retains its row) keep their keys through any
-    admissions (which may take a retained row), growth and compactions. `torch` is the copy a GPU falls back to
-    where CuPy cannot compile its kernels."""
+    admissions (which may take a retained row), growth and compactions, copied by torch (the CPU's copy, and the
+    one a GPU falls back to where CuPy cannot compile its kernels)."""
     arena = KVArena(num_layers=2, max_num_seqs=NUM_ROWS, num_kv_heads=2, max_model_len=MAX_LEN,
                     head_dim=3, dtype=torch.float32, device=torch.device("cpu"), position_major=position_major)
-    arena.copier = copier
     table = RowTable(NUM_ROWS, compaction=compaction, max_retained=max_retained)
     reference: dict[str, torch.Tensor] = {}  # req_id -> its KV positions [:length], live or retained
     row_of: dict[str, int] = {}  # live rows only

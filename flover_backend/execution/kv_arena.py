@@ -57,7 +57,9 @@ class KVArena:
         # Made once: a forward asks for every layer's views, and building them per call costs more than the list.
         self._layers = [(self.tensor[i, 0], self.tensor[i, 1]) for i in range(num_layers)]
         self.bytes_per_position = num_layers * 2 * num_kv_heads * head_dim * self.tensor.element_size()
-        self.copier = "numpy"
+        # On the CPU, torch's copy of the NumPy-owned memory: it runs on torch's threads, where NumPy's runs on one
+        # (a 400-position builtin:small row, 29.5 MB: 1.6 ms against 4.5 ms on the 2-core AMD EPYC).
+        self.copier = "torch"
         if self.device.type == "cuda":
             self.copier = self._warm_up_cupy_copy() if cupy is not None else "torch"
 
@@ -110,9 +112,8 @@ class KVArena:
         if self.copier == "cupy":
             self._copy_on_torch_stream(moves)
         else:
-            storage = self.tensor if self.copier == "torch" else self.array
             for move in moves:
-                storage[:, :, move.dst, :, :move.length] = storage[:, :, move.src, :, :move.length]
+                self.tensor[:, :, move.dst, :, :move.length] = self.tensor[:, :, move.src, :, :move.length]
         return sum(move.length for move in moves) * self.bytes_per_position
 
     def _copy_on_torch_stream(self, moves: list[RowMove]) -> None:

@@ -43,7 +43,7 @@ static inline Vec load(const float *at) {
     return v;
 }
 
-/* The first `count` (< LANES) floats from `at`, zeros after. */
+/* The first `count` (<= LANES) floats from `at`, zeros after. */
 static inline Vec load_part(const float *at, int64_t count) {
     Vec v = {0.0f};
     __builtin_memcpy(&v, at, sizeof(float) * (size_t)count);
@@ -63,6 +63,43 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return (r[0] + r[2]) + (r[1] + r[3]);
 }
 
+/* The dots of `a` with b0..b3, each with `dot`'s arithmetic (the same lanes, the same tree), reduced side by
+ * side: a's loads and the tree's shuffles are shared by four scores. */
+static inline __attribute__((always_inline)) void dot4(const float *a, const float *b0, const float *b1, const float *b2, const float *b3, int64_t n,
+                        float *out) {
+    Vec s0 = {0.0f}, s1 = {0.0f}, s2 = {0.0f}, s3 = {0.0f};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) {
+        const Vec x = load(a + d);
+        s0 = x * load(b0 + d) + s0;
+        s1 = x * load(b1 + d) + s1;
+        s2 = x * load(b2 + d) + s2;
+        s3 = x * load(b3 + d) + s3;
+    }
+    if (d < n) {
+        const Vec x = load_part(a + d, n - d);
+        s0 = x * load_part(b0 + d, n - d) + s0;
+        s1 = x * load_part(b1 + d, n - d) + s1;
+        s2 = x * load_part(b2 + d, n - d) + s2;
+        s3 = x * load_part(b3 + d, n - d) + s3;
+    }
+    /* Halves: lanes 0-7 of h01 are dot's h for s0, lanes 8-15 for s1. */
+    const Vec h01 = __builtin_shufflevector(s0, s1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(s0, s1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const Vec h23 = __builtin_shufflevector(s2, s3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(s2, s3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    /* Quarters: lanes 4i..4i+3 are dot's r for score i. */
+    const Vec r = __builtin_shufflevector(h01, h23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(h01, h23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
+    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
+    /* (r[0] + r[2]) and (r[1] + r[3]) of each score, then their sum. */
+    const Half pairs = __builtin_shufflevector(r, r, 0, 1, 4, 5, 8, 9, 12, 13) +
+                       __builtin_shufflevector(r, r, 2, 3, 6, 7, 10, 11, 14, 15);
+    const Quarter sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) + __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+    __builtin_memcpy(out, &sums, sizeof sums);
+}
+
 /* Positions are taken TILE at a time, so a tile's keys or values (for a block of heads) stay in the L1 cache
  * while every member of a group and every query head reads them. */
 #define TILE 8
@@ -70,25 +107,43 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 /* probs[s - offset] = scale * q . keys(s) for s in [from, to): one query head against one kv head's keys. */
 static inline void score_tile(const float *qv, const float *keys, int64_t position_stride, int64_t from, int64_t to,
                               int64_t head_dim, float scale, float *probs, int64_t offset) {
-    for (int64_t s = from; s < to; s++) probs[s - offset] = dot(qv, keys + s * position_stride, head_dim) * scale;
+    int64_t s = from;
+    for (; s + 4 <= to; s += 4) {
+        const float *at = keys + s * position_stride;
+        float four[4];
+        dot4(qv, at, at + position_stride, at + 2 * position_stride, at + 3 * position_stride, head_dim, four);
+        for (int i = 0; i < 4; i++) probs[s + i - offset] = four[i] * scale;
+    }
+    for (; s < to; s++) probs[s - offset] = dot(qv, keys + s * position_stride, head_dim) * scale;
 }
 
 /* out += sum over s in [from, to), in that order, of probs[s - offset] * values(s): each element one chain of
- * multiply-adds, kept in registers across the tile. */
+ * multiply-adds, kept in registers across the tile. Four chunks of LANES elements at a time, so four independent
+ * chains hide the multiply-add's latency. */
 static inline void weigh_tile(float *out, const float *values, int64_t position_stride, int64_t from, int64_t to,
                               int64_t head_dim, const float *probs, int64_t offset) {
     int64_t d = 0;
-    for (; d + LANES <= head_dim; d += LANES) {
-        Vec acc = load(out + d);
-        for (int64_t s = from; s < to; s++) acc = probs[s - offset] * load(values + s * position_stride + d) + acc;
-        __builtin_memcpy(out + d, &acc, sizeof acc);
+    for (; d + 4 * LANES <= head_dim; d += 4 * LANES) {
+        Vec a0 = load(out + d), a1 = load(out + d + LANES), a2 = load(out + d + 2 * LANES),
+            a3 = load(out + d + 3 * LANES);
+        for (int64_t s = from; s < to; s++) {
+            const float weight = probs[s - offset], *v = values + s * position_stride + d;
+            a0 = weight * load(v) + a0;
+            a1 = weight * load(v + LANES) + a1;
+            a2 = weight * load(v + 2 * LANES) + a2;
+            a3 = weight * load(v + 3 * LANES) + a3;
+        }
+        __builtin_memcpy(out + d, &a0, sizeof a0);
+        __builtin_memcpy(out + d + LANES, &a1, sizeof a1);
+        __builtin_memcpy(out + d + 2 * LANES, &a2, sizeof a2);
+        __builtin_memcpy(out + d + 3 * LANES, &a3, sizeof a3);
     }
-    if (d < head_dim) {
-        const int64_t rest = head_dim - d;
-        Vec acc = load_part(out + d, rest);
+    for (; d < head_dim; d += LANES) {
+        const int64_t width = head_dim - d < LANES ? head_dim - d : LANES;
+        Vec acc = load_part(out + d, width);
         for (int64_t s = from; s < to; s++)
-            acc = probs[s - offset] * load_part(values + s * position_stride + d, rest) + acc;
-        __builtin_memcpy(out + d, &acc, sizeof(float) * (size_t)rest);
+            acc = probs[s - offset] * load_part(values + s * position_stride + d, width) + acc;
+        __builtin_memcpy(out + d, &acc, sizeof(float) * (size_t)width);
     }
 }
 
@@ -107,10 +162,13 @@ static inline Member member(int64_t row, const int64_t *shared, const int64_t *s
     return (Member){row, start, end, share};
 }
 
-/* The softmax of one query head's `count` scores, in place. */
+/* The softmax of one query head's `count` scores, in place. Called from one place, so its vectorized sum runs
+ * in one order for every row. */
 static inline void softmax(float *p, int64_t count) {
     float top = -INFINITY, total = 0.0f;
+#pragma omp simd reduction(max : top) /* a maximum is the same in any order */
     for (int64_t s = 0; s < count; s++) top = p[s] > top ? p[s] : top;
+#pragma omp simd reduction(+ : total)
     for (int64_t s = 0; s < count; s++) {
         p[s] = exp_nonpositive(p[s] - top);
         total += p[s];
@@ -156,10 +214,12 @@ static void attend_group(const float *q, const float *k_cache, const float *v_ca
         const float *keys = k_cache + m.row * strides.row + first * strides.head;
         const int64_t own = m.share > m.start ? m.share : m.start;
         float *p = probs + i * num_queries * max_positions;
-        for (int64_t s = own; s < m.end; s++) /* in memory order: all the block's heads at a position are adjacent */
+        for (int64_t tile = own; tile < m.end; tile += 4) { /* near memory order: a position's heads are adjacent */
+            const int64_t to = tile + 4 < m.end ? tile + 4 : m.end;
             for (int64_t j = 0; j < num_queries; j++)
-                p[j * max_positions + s - m.start] =
-                    dot(qs + j * head_dim, keys + s * pos + (j / group) * strides.head, head_dim) * scale;
+                score_tile(qs + j * head_dim, keys + (j / group) * strides.head, pos, tile, to, head_dim, scale,
+                           p + j * max_positions, m.start);
+        }
         for (int64_t j = 0; j < num_queries && m.end > m.start; j++) softmax(p + j * max_positions, m.end - m.start);
     }
     /* Values in position order: the shared ones a tile at a time for every member, then each member's own. */
