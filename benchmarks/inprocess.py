@@ -15,26 +15,33 @@ from clients.workload import RequestTiming, TraceRequest, make_trace, summarize
 from flover_backend import Engine, EngineConfig, RequestOutput, SamplingParams
 
 
-def replay(engine: Engine, trace: list[TraceRequest]) -> list[RequestTiming]:
-    """Send each trace request at its arrival time to a running engine; wait for all; return timings."""
+def replay(engine: Engine, trace: list[TraceRequest], answers: list[list[int]] | None = None) -> list[RequestTiming]:
+    """Send each trace request at its arrival time to a running engine; wait for all; return timings (and, into
+    `answers` where given, each request's tokens)."""
     timings = [RequestTiming(arrival=0.0) for _ in trace]
+    if answers is not None:
+        answers[:] = [[] for _ in trace]
     remaining = threading.Semaphore(0)
 
-    def recorder(timing: RequestTiming):
+    def recorder(index: int):
+        timing = timings[index]
+
         def on_output(output: RequestOutput) -> None:
             now = time.monotonic()
             timing.token_times.extend([now] * len(output.new_token_ids))
+            if answers is not None:
+                answers[index].extend(output.new_token_ids)
             if output.finished:
                 timing.end, timing.finish_reason = now, output.finish_reason
                 remaining.release()
         return on_output
 
     start = time.monotonic()
-    for item, timing in zip(trace, timings):
+    for index, (item, timing) in enumerate(zip(trace, timings)):
         time.sleep(max(0.0, start + item.arrival_s - time.monotonic()))
         timing.arrival = time.monotonic()
         params = SamplingParams(max_tokens=item.max_tokens, ignore_eos=True)
-        engine.add_request(prompt_token_ids=list(item.prompt_token_ids), params=params, on_output=recorder(timing))
+        engine.add_request(prompt_token_ids=list(item.prompt_token_ids), params=params, on_output=recorder(index))
     for _ in trace:
         remaining.acquire()
     return timings

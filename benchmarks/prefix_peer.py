@@ -213,6 +213,7 @@ def prefix_against_vllm(server, shape: PrefixShape = FULL_SHAPE, repeats: int = 
     vllm_cache: dict[str, str] = {}
     with vllm_server(shape.model) if with_vllm else nullcontext() as vllm:
         sides = [flover]
+        replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), flover.sender, show_progress=False)  # as vLLM's
         if with_vllm:
             replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), openai_sender(vllm.base_url, VLLM_NAME),
                    show_progress=False)  # warm-up

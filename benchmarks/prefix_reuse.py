@@ -3,8 +3,8 @@ traces (issue 24's shared system prompt, and multi-turn conversations).
 
 `python -m benchmarks.prefix_reuse`: two engines alike but for `prefix_caching` replay each trace in turns
 (off, on, off, on, ...), so the machine's noise falls on both; medians over the rounds, their ratios, and whether
-the greedy outputs were identical go to benchmarks/results/prefix_reuse.{json,md}. With `--prefix-read-cost`, only
-what reading every row's copy of a 320-position prefix adds to a 32-row decode step (prefix_read_cost.md).
+the greedy outputs were identical go to benchmarks/results/prefix_reuse.{json,md}. What reading a shared prefix once
+for all rows saves: benchmarks/shared_prefix_ab.py.
 """
 
 from __future__ import annotations
@@ -108,61 +108,13 @@ def copy_and_prefill_per_position(engine: Engine, length: int, repeats: int) -> 
     return engine.call(measure)
 
 
-def decode_times(engine: Engine, rows: int, contexts: tuple[int, ...], steps: int) -> dict[int, list[float]]:
-    """Seconds of each decode forward at `rows` rows, at each context length in turns, on the engine's thread."""
-    runner = engine.runner
-
-    def measure() -> dict[int, list[float]]:
-        input_ids = torch.randint(*PROMPT_TOKEN_RANGE, (rows, 1), generator=torch.Generator().manual_seed(0))
-        times: dict[int, list[float]] = {context: [] for context in contexts}
-        with torch.inference_mode():
-            for step in range(steps + 1):  # the first round warms up
-                for context in contexts:
-                    context_lens = torch.full((rows,), context, dtype=torch.long)
-                    batch = ForwardBatch.decode(slice(0, rows), context_lens, context + 1, runner.dtype, None,
-                                                runner.attention_kernel)
-                    start = time.perf_counter()
-                    runner.model(input_ids, batch, runner.arena)
-                    if step:
-                        times[context].append(time.perf_counter() - start)
-        return times
-
-    return engine.call(measure)
-
-
-def shared_prefix_read_cost(model: str, rows: int, own_len: int, prefix_len: int, steps: int) -> list[str]:
-    """What a cascade (rows reading one shared prefix region once) could save at most: the decode forward at
-    `rows` rows of `own_len` positions against the same with `prefix_len` more each, in turns; table lines."""
-    contexts = (own_len, own_len + prefix_len)
-    with Engine(EngineConfig(model=model, max_num_seqs=rows, max_model_len=own_len + prefix_len + 64)) as engine:
-        times = decode_times(engine, rows, contexts, steps)
-    short, long = (statistics.median(times[context]) for context in contexts)
-    return [(f"# Decode forward at {rows} rows: {own_len} positions each against {own_len + prefix_len} "
-             f"({model}, {cpu_name()})"), "",
-            ("Alternating in one process, medians; the difference is what reading each row's copy of a shared prefix "
-             "costs a step, the most a cascade (the prefix's keys read once for all rows) could save. Other "
-             "processes load this machine: read the ratio."), "",
-            "| positions per row | step (ms) |", "|---|---|",
-            f"| {own_len} | {short * 1e3:.1f} |", f"| {own_len + prefix_len} | {long * 1e3:.1f} |", "",
-            (f"Reading the prefixes: {(long - short) * 1e3:.1f} ms of a {long * 1e3:.1f} ms step "
-             f"({(long - short) / long:.0%}).")]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run both traces in turns with reuse off and on; print and write the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--prefix-read-cost", action="store_true",
-                        help="only the decode step with and without a 320-position prefix per row (a cascade's bound)")
     args = parser.parse_args(argv)
-    if args.prefix_read_cost:
-        lines = shared_prefix_read_cost(args.model, rows=32, own_len=80, prefix_len=320, steps=20)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "prefix_read_cost.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        return 0
     settings = {"off": False, "on": True}
     engines = {name: Engine(EngineConfig(model=args.model, max_num_seqs=32, max_model_len=512, prefix_caching=on))
                for name, on in settings.items()}

@@ -42,9 +42,9 @@ OTHER_RESULTS = {  # written by other commands into the same folder
                    "indexing, in turns at 1 / 8 / 32 rows",
     "prefix_reuse.md": "`python -m benchmarks.prefix_reuse`: prefix reuse on against off, in turns: issue 24's "
                        "shared-prefix trace, a multi-turn trace, and a copied position's cost against a computed one",
-    "prefix_read_cost.md": "`python -m benchmarks.prefix_reuse --prefix-read-cost`: what reading each row's copy of a "
-                           "shared 320-position prefix adds to a 32-row decode step, the bound on what a cascade "
-                           "could save",
+    "shared_prefix_attention.md": "`python -m benchmarks.shared_prefix_ab`: issue 24's shared-prefix trace in turns "
+                                  "with `shared_prefix_attention` on and off: what reading a shared prefix once for "
+                                  "all rows (a cascade over the arena's copies) pays",
     "prompt_logprobs_cost.md": "`python -m benchmarks.prompt_logprobs_cost`: a prompt's prefill iterations with and "
                                "without prompt logprobs, 8 neighbours decoding",
     "structured_output.json": "`python -m benchmarks.structured_output`: xgrammar against outlines-core (compile "
