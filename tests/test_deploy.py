@@ -285,7 +285,8 @@ def test_dashboard_queries_only_metrics_the_server_exports():
         queried.add(family)
     wanted = {"flover_generated_tokens_total", "flover_time_to_first_token_seconds",
               "flover_time_per_output_token_seconds", "flover_requests_running", "flover_requests_waiting",
-              "flover_iteration_seconds", "flover_compaction_bytes_total", "flover_compaction_seconds"}
+              "flover_iteration_seconds", "flover_compaction_bytes_total", "flover_compaction_seconds",
+              "flover_prefix_cache_queries_total", "flover_prefix_cache_hits_total", "flover_prefix_cache_retained_rows"}
     assert wanted <= queried, f"panels missing: {wanted - queried}"
     assert all("histogram_quantile" in query for query in queries if "_bucket" in query)
 
