@@ -4,6 +4,8 @@ and every output stays token for token what it is with reuse off."""
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.engine.prefix_cache import WHOLE_ROW, common_prefix_len
@@ -250,3 +252,36 @@ def test_reuse_is_counted_in_the_stats_and_the_log_line(caplog):
         assert f"again: finish_reason=length prompt_tokens={len(SHARED)} output_tokens=3 cached_tokens=29" in caplog.text
     finally:
         engine.stop()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_random_prefix_families_give_the_same_tokens_with_shared_reads_as_with_no_reuse(data):
+    """Prompts built from a few stems and from earlier prompts and answers (copies of copies, retained donors,
+    arrivals at random iterations), decoded with reuse and shared-prefix reads against reuse off: every
+    request's tokens are the same, so no row ever reads a prefix its source does not hold."""
+    stems = [[10 + (37 * i + 11 * s) % 180 for i in range(24)] for s in range(2)]
+    plan = []  # (iteration it arrives at, prompt, max_tokens)
+    for _ in range(data.draw(st.integers(3, 7), label="requests")):
+        base = data.draw(st.sampled_from(stems + [p for _, p, _ in plan]), label="base")
+        keep = data.draw(st.integers(0, len(base)), label="keep")
+        tail = data.draw(st.lists(st.integers(1, 190), min_size=1, max_size=6), label="tail")
+        plan.append((data.draw(st.integers(0, 6), label="at"), base[:keep] + tail, data.draw(st.integers(1, 12))))
+    results = []
+    for reuse in (False, True):
+        engine = Engine(config(prefix_caching=reuse, max_num_seqs=4, max_retained_prefixes=2))
+        outputs: dict[int, list[int]] = {}
+        try:
+            for iteration in range(7):
+                for index, (at, prompt, max_tokens) in enumerate(plan):
+                    if at == iteration:
+                        engine.add_request(prompt_token_ids=prompt, req_id=str(index),
+                                           params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                           on_output=lambda o, kept=outputs: kept.setdefault(int(o.req_id),
+                                                                                              []).extend(o.new_token_ids))
+                engine.step()
+            engine.run_until_idle()
+        finally:
+            engine.stop()
+        results.append(outputs)
+    assert results[0] == results[1]

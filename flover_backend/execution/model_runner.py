@@ -23,10 +23,10 @@ from flover_backend.execution.prefill_graphs import MAX_GRAPHED_CHUNKS, PrefillG
 from flover_backend.execution.row_table import RowMove
 from flover_backend.execution.workers import WorkerGroup, check_gpus, rank_device
 from flover_backend.native import attention as native_attention
-from flover_backend.native.attention import SharedPrefixGroups
 from flover_backend.native import elementwise as native_elementwise
 from flover_backend.native import sampling as native_sampling
 from flover_backend.native import small_gemm as native_small_gemm
+from flover_backend.native.attention import SharedPrefixGroups
 from flover_backend.paths import kernels_dir
 from flover_backend.sampling.logprobs import TokenLogprobs, prompt_logprobs
 from flover_backend.sampling.sampler import Sampler
