@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import graphs_vs_eager, kernel_check
-from benchmarks.inprocess import decode_sweep, measure
-from clients.workload import make_trace
+from benchmarks.inprocess import decode_sweep, measure, replay
+from benchmarks.prefix_reuse import shared_prefix_trace
+from clients.workload import make_trace, summarize
 from flover_backend import Engine, EngineConfig
 from flover_backend.execution.models.loader import resolve_model_path
 
@@ -44,6 +45,27 @@ def run_policies(base: dict, trace, label: str, policies: tuple[str, ...] = POLI
         results[policy] = summary
         print(f"{label:<22} {policy:>6}: {summary['total_s']:7.2f}s {summary['tokens_per_s']:8.1f} tok/s "
               f"iterations {summary['iterations']}", flush=True)
+    return results
+
+
+def prefix_reuse(base: dict, trace) -> dict:
+    """Issue 24's shared-prefix trace with prefix reuse off and on (CUDA graphs as configured): each run's summary,
+    and how many greedy answers were the same both ways. In float32 (the CPU tests) all are; in bfloat16 the copied
+    prompt's remaining chunk runs other kernels than a whole prompt does, so a near-tie may break otherwise."""
+    results: dict = {}
+    answers: dict[str, list[list[int]]] = {}
+    for name, on in (("off", False), ("on", True)):
+        with Engine(EngineConfig(**base, prefix_caching=on)) as engine:
+            replay(engine, trace[:2])  # warm-up: the first prompts' shapes
+            answers[name] = []
+            hits_before = engine.stats.prefix_hit_tokens
+            summary = summarize(replay(engine, trace, answers[name]))
+            summary["prefix_hit_tokens"] = engine.stats.prefix_hit_tokens - hits_before
+        results[name] = summary
+        print(f"prefix reuse {name:>3}: {summary['tokens_per_s']:8.1f} tok/s TTFT p50 {summary['ttft_p50_s'] * 1e3:.1f} "
+              f"ms, {summary['prefix_hit_tokens']} prompt tokens copied", flush=True)
+    results["identical_answers"] = sum(on == off for on, off in zip(answers["on"], answers["off"]))
+    results["answers"] = len(trace)
     return results
 
 
@@ -131,6 +153,13 @@ def summary_table(results: dict) -> str:
         summary = results.get(name, {})
         if "total_s" in summary:
             lines.append(_table_row(label, summary))
+    for name in ("off", "on"):
+        summary = results.get("prefix_reuse", {}).get(name, {})
+        if "total_s" in summary:
+            lines.append(_table_row(f"shared-prefix trace, prefix reuse {name}", summary))
+    reuse = results.get("prefix_reuse", {})
+    if "identical_answers" in reuse:
+        lines += ["", f"Prefix reuse: {reuse['identical_answers']} / {reuse['answers']} greedy answers identical on and off"]
     steps = results.get("decode_steps", {})
     if "graphs" in steps:
         captured = f"{len(steps['graph_shapes'])} graphs captured" if "graph_shapes" in steps else "no graphs (CPU)"
@@ -225,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         trace = make_trace(requests, mean_gap_s=gap_ms / 1000, gen_len=(gen_len // 2, gen_len), seed=7)
         run_part(results, f"exp3_gap_{gap_ms:.0f}ms", lambda trace=trace, gap_ms=gap_ms: run_policies(
             base, trace, f"exp3 gap={gap_ms:.0f}ms"), args.out)
+    # Issue 24's trace: 32 requests, Poisson 100 ms, a 320-token shared prefix + 16 own tokens, 64 new.
+    shared = (shared_prefix_trace(seed=24, num_requests=4, prefix_len=24, own_len=8, max_tokens=8) if args.smoke
+              else shared_prefix_trace(seed=24))
+    run_part(results, "prefix_reuse", lambda: prefix_reuse(base, shared), args.out)
     print(summary_table(results))
     if not results["graphs_vs_eager"].get("ok"):
         print("\n" + "!" * 100 + "\nFAILED: CUDA graphs gave other tokens than eager decoding, or the comparison did "

@@ -2,7 +2,8 @@
 # ONE script for a lent H100/H200 (the device image has torch, cupy, transformers, pytest): the `gpu` tests,
 # then benchmarks/gpu_check.py (graphs-vs-eager greedy tokens on staggered mixed-length prompts, failing the
 # run on any mismatch; the decode step eager vs CUDA graphs, experiments 1-3 in-process on the
-# built-in ~1B Llama in bf16, transformers' continuous batching side by side). Budget: under 8 minutes
+# built-in ~1B Llama in bf16, transformers' continuous batching side by side, and issue 24's shared-prefix trace
+# with prefix reuse off and on, counting the answers that match). Budget: under 8 minutes
 # (60 + 90 + 300 s at most; gpu_check writes its results after each part, so a cut run keeps the parts
 # it finished). Results go to $OUT when the device tool provides it, else benchmarks/results/gpu.
 set -uo pipefail
