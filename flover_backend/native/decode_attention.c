@@ -29,11 +29,8 @@ typedef struct {
     int64_t row, head, position; /* floats between consecutive rows, kv heads and positions */
 } Strides;
 
-/* Every score is this dot product: LANES running sums (lane l takes d = l, l + LANES, ...), each a chain of
- * multiply-adds, then a fixed tree. Spelled out with GCC's vector types rather than left to `omp simd
- * reduction`, whose order the compiler picks per loop: a score's bits must not depend on which loop computes it.
- * A vector statement is one operation per lane on every target (two 8-float halves on AVX2), so the lanes'
- * arithmetic is the same wherever the function is inlined. */
+/* Vectors of LANES floats with GCC's vector types. A vector statement is one operation per lane on every target
+ * (two 8-float halves on AVX2), so the lanes' arithmetic is the same wherever a function using them is inlined. */
 #define LANES 16
 typedef float Vec __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -50,23 +47,12 @@ static inline Vec load_part(const float *at, int64_t count) {
     return v;
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    Vec acc = {0.0f};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES) acc = load(a + d) * load(b + d) + acc;
-    if (d < n) acc = load_part(a + d, n - d) * load_part(b + d, n - d) + acc;
-    typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
-    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
-    const Half h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-    const Quarter r = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (r[0] + r[2]) + (r[1] + r[3]);
-}
-
-/* The dots of `a` with b0..b3, each with `dot`'s arithmetic (the same lanes, the same tree), reduced side by
- * side: a's loads and the tree's shuffles are shared by four scores. */
-static inline __attribute__((always_inline)) void dot4(const float *a, const float *b0, const float *b1, const float *b2, const float *b3, int64_t n,
-                        float *out) {
+/* Every score is made here: the dots of `a` with b0..b3, each as LANES running sums (lane l takes d = l, l + LANES,
+ * ...), each a chain of multiply-adds, then a fixed tree, reduced side by side (a's loads and the tree's shuffles
+ * shared by four scores). Spelled out rather than left to `omp simd reduction`, whose order the compiler picks per
+ * loop: a score's bits must not depend on which loop computes it. */
+static inline __attribute__((always_inline)) void dot4(const float *a, const float *b0, const float *b1,
+                                                       const float *b2, const float *b3, int64_t n, float *out) {
     Vec s0 = {0.0f}, s1 = {0.0f}, s2 = {0.0f}, s3 = {0.0f};
     int64_t d = 0;
     for (; d + LANES <= n; d += LANES) {
@@ -83,20 +69,21 @@ static inline __attribute__((always_inline)) void dot4(const float *a, const flo
         s2 = x * load_part(b2 + d, n - d) + s2;
         s3 = x * load_part(b3 + d, n - d) + s3;
     }
-    /* Halves: lanes 0-7 of h01 are dot's h for s0, lanes 8-15 for s1. */
+    typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
+    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
+    /* Halves: lanes 0-7 of h01 are score 0's lanes l + lanes l + 8, lanes 8-15 score 1's. */
     const Vec h01 = __builtin_shufflevector(s0, s1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                     __builtin_shufflevector(s0, s1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     const Vec h23 = __builtin_shufflevector(s2, s3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                     __builtin_shufflevector(s2, s3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    /* Quarters: lanes 4i..4i+3 are dot's r for score i. */
+    /* Quarters: lanes 4i..4i+3 are score i's r[0..3], each a half's lane plus the lane 4 after it. */
     const Vec r = __builtin_shufflevector(h01, h23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                   __builtin_shufflevector(h01, h23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    typedef float Half __attribute__((vector_size(LANES / 2 * sizeof(float))));
-    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
     /* (r[0] + r[2]) and (r[1] + r[3]) of each score, then their sum. */
     const Half pairs = __builtin_shufflevector(r, r, 0, 1, 4, 5, 8, 9, 12, 13) +
                        __builtin_shufflevector(r, r, 2, 3, 6, 7, 10, 11, 14, 15);
-    const Quarter sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) + __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+    const Quarter sums =
+        __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) + __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
     __builtin_memcpy(out, &sums, sizeof sums);
 }
 
@@ -104,17 +91,17 @@ static inline __attribute__((always_inline)) void dot4(const float *a, const flo
  * while every member of a group and every query head reads them. */
 #define TILE 8
 
-/* probs[s - offset] = scale * q . keys(s) for s in [from, to): one query head against one kv head's keys. */
+/* probs[s - offset] = scale * q . keys(s) for s in [from, to): one query head against one kv head's keys, four
+ * positions at a time (a last short group repeats its last position and keeps only its own scores). */
 static inline void score_tile(const float *qv, const float *keys, int64_t position_stride, int64_t from, int64_t to,
                               int64_t head_dim, float scale, float *probs, int64_t offset) {
-    int64_t s = from;
-    for (; s + 4 <= to; s += 4) {
-        const float *at = keys + s * position_stride;
+    for (int64_t s = from; s < to; s += 4) {
+        const float *at[4];
+        for (int i = 0; i < 4; i++) at[i] = keys + (s + i < to ? s + i : to - 1) * position_stride;
         float four[4];
-        dot4(qv, at, at + position_stride, at + 2 * position_stride, at + 3 * position_stride, head_dim, four);
-        for (int i = 0; i < 4; i++) probs[s + i - offset] = four[i] * scale;
+        dot4(qv, at[0], at[1], at[2], at[3], head_dim, four);
+        for (int i = 0; i < 4 && s + i < to; i++) probs[s + i - offset] = four[i] * scale;
     }
-    for (; s < to; s++) probs[s - offset] = dot(qv, keys + s * position_stride, head_dim) * scale;
 }
 
 /* out += sum over s in [from, to), in that order, of probs[s - offset] * values(s): each element one chain of
