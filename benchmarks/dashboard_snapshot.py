@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 
 from benchmarks.dashboard_queries import Sample, evaluate, parse_page
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 
@@ -43,7 +43,7 @@ def record(model: str, interval_s: float, idle_tail_s: float) -> list[Sample]:
     """Serve `model`, replay TRACES against it and sample its metrics every `interval_s`; the samples."""
     with tempfile.TemporaryDirectory() as tmp:
         repo = derive_repository(Path(tmp) / "repo", [MODEL], {"model": model, "max_num_seqs": "16"})
-        ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+        ports = server_ports()
         with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
             samples: list[Sample] = []
             done = threading.Event()

@@ -26,7 +26,7 @@ from benchmarks.report import overhead_section, peer_section, write_report
 from clients.loadgen import replay, triton_http_sender, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
 from flover_backend import Engine, EngineConfig
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = derive_repository(Path(tmp) / "repo", settings={"model": scale.model},
                                  instance_counts={"flover_instances": scale.num_instances},
                                  variants={"flover_nocompact": ("flover", {"compaction": "false"})})
-        ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+        ports = server_ports()
         print(f"starting tritonserver with {scale.model} (flover, flover_window, flover_nocompact, "
               f"{scale.num_instances} x flover_instances)...", flush=True)
         with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
@@ -256,7 +256,7 @@ def write_prefix(prefix: dict, out: Path) -> None:
 def flover_server_bench(tmp: str, model: str = FULL.model):
     """A server of the `flover` model alone (FULL's model unless given), warmed up, as a Bench."""
     repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": model})
-    ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+    ports = server_ports()
     with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
         replay(make_trace(2, interval_s=0.0, gen_len=(4, 4)), triton_sender(server.grpc_url, "flover"),
                show_progress=False)

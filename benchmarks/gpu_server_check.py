@@ -26,7 +26,7 @@ from clients.triton_stream import stream_http
 from clients.workload import make_trace, summarize
 from flover_backend import Engine, EngineConfig
 from flover_backend.execution.arena_sizing import row_bytes, rows_that_fit
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 
@@ -66,7 +66,7 @@ def measure_in_turns(settings: dict, streams: list[int], gen_len: int, prompt_le
     """tritonserver (whatever FLOVER_TRITON_DIST names) and an in-process engine of the same settings side by side:
     per round and stream count the trace in-process, then over HTTP, in turns so the machine's noise falls on both."""
     repo = derive_repository(tmp / "repo", ["flover"], {k: str(v) for k, v in settings.items()})
-    ports = {key: find_free_port() for key in ("http_port", "grpc_port", "metrics_port")}
+    ports = server_ports()
     log = tmp / "server.log"
     runs: dict[int, list[dict]] = {n: [] for n in streams}
     with TritonServer(repo, **ports, log_path=log, ready_timeout_s=ready_timeout_s) as server, \

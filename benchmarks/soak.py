@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.triton_stream import GrpcStream, stream_http
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 from flover_backend.server.watchdog import find_stubs
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": args.model, "max_num_seqs": 16, "max_model_len": 256, "num_threads": 1}
     with tempfile.TemporaryDirectory() as tmp:
         repo = derive_repository(Path(tmp) / "repo", ["flover"], settings)
-        ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+        ports = server_ports()
         with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
             vocab = 32000
             result = soak(server, args.duration, args.mean_gap, vocab, args.seed, args.max_in_flight)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from clients.loadgen import replay, triton_sender
 from clients.workload import RequestTiming, make_trace, summarize
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = make_trace(args.num_requests, mean_gap_s=args.mean_gap_ms / 1000, gen_len=tuple(args.gen_len), seed=1)
     with tempfile.TemporaryDirectory(prefix="flover-demo-") as tmp:
         repo = derive_repository(Path(tmp) / "repo", ["flover"], {"model": args.model})
-        ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+        ports = server_ports()
         console.print(f"starting tritonserver with {args.model} (first start writes the built-in checkpoint)...")
         with TritonServer(repo, **ports, log_path=Path(tmp) / "server.log") as server:
             console.print(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.triton_env import PROJECT_ROOT
 from tests.processes import spawned
 
@@ -57,14 +57,6 @@ def write_repository(root: Path, name: str = "echo", extra_import: str = "", mod
     return root
 
 
-def free_ports() -> dict[str, int]:
-    """Three distinct free ports for one server."""
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(find_free_port())
-    return dict(zip(("http_port", "grpc_port", "metrics_port"), sorted(ports)))
-
-
 def group_members(pgid: int) -> list[int]:
     """Pids of the live (not zombie) processes in process group `pgid`: tritonserver and its stubs."""
     members = []
@@ -83,7 +75,7 @@ def launch_cli(tmp_path: Path, *options: str, stderr=subprocess.PIPE):
     """`with launch_cli(tmp_path) as (process, ports):` `python -m flover_backend serve` on a fresh echo
     repository under `tmp_path` with `options`, as a user starts it, with its own FLOVER_HOME; its stdout is
     a text pipe. Killed with everything it started when the block ends, whatever happened in it."""
-    ports = free_ports()
+    ports = server_ports()
     repo = write_repository(tmp_path / "repo")
     args = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
     env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}

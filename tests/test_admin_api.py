@@ -11,8 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from flover_backend.ports import server_ports
 from flover_backend.server.serve import TritonServer
-from tests.echo_server import free_ports, write_repository
+from tests.echo_server import write_repository
 
 pytestmark = pytest.mark.triton
 EVIL_MODEL = """
@@ -31,7 +32,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admin")
     repo = write_repository(tmp / "repo")
     with TritonServer(repo, log_path=tmp / "server.log", ready_timeout_s=120, admin_key="operator-secret",
-                      **free_ports()) as running:
+                      **server_ports()) as running:
         yield running
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from clients.triton_stream import GrpcStream, ServerError, stream_http
-from flover_backend.ports import find_free_port
+from flover_backend.ports import free_ports
 from flover_backend.server.watchdog import find_stubs, parse_metric
 from flover_backend.triton_env import PROJECT_ROOT
 from tests.waiting import wait_for
@@ -150,7 +150,7 @@ def runs(statuses: list[int | None]) -> list[bool]:
 def test_killed_stub_ends_every_request_in_flight_and_readiness_is_false_until_back(tmp_path, builtin_home):
     ports = {}
     while len(set(ports.values())) < 4:
-        ports = {name: find_free_port() for name in ("http-port", "grpc-port", "metrics-port", "openai-port")}
+        ports = free_ports("http-port", "grpc-port", "metrics-port", "openai-port")
     args = [f"--{name}={port}" for name, port in ports.items()]
     args += [f"--set={key}={value}" for key, value in SETTINGS.items()]
     http, grpc = f"http://127.0.0.1:{ports['http-port']}", f"127.0.0.1:{ports['grpc-port']}"

@@ -23,7 +23,7 @@ from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.execution.models.builtin import BOS_TOKEN_ID, EOS_TOKEN_ID
 from flover_backend.frontends.openai.app import FrontSettings, create_app
 from flover_backend.frontends.openai.chat import ChatTemplate, ChatTemplateError, NoChatTemplateError
-from flover_backend.ports import find_free_port
+from flover_backend.ports import find_free_port, free_ports, server_ports
 from flover_backend.server.openai_launcher import OpenAIFront
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
@@ -55,7 +55,7 @@ def plain_checkpoint(tiny_checkpoint, tmp_path_factory):
 def server(tmp_path_factory, builtin_home, plain_checkpoint):
     repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", ["flover"], settings=SETTINGS,
                              variants={"flover_plain": ("flover", {"model": str(plain_checkpoint)})})
-    ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+    ports = server_ports()
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
 
@@ -582,7 +582,7 @@ def test_flover_serve_openai_port_starts_and_stops_the_front(tmp_path):
                                         'output [ { name: "y" data_type: TYPE_STRING dims: [ 1 ] } ]\n')
     (model / "1" / "model.py").write_text("class TritonPythonModel:\n    def execute(self, requests):\n"
                                           "        return []\n")
-    ports = {name: find_free_port() for name in ("http-port", "grpc-port", "metrics-port", "openai-port")}
+    ports = free_ports("http-port", "grpc-port", "metrics-port", "openai-port")
     env = {**os.environ, "FLOVER_HOME": str(tmp_path / "home")}
     command = [sys.executable, "-m", "flover_backend", "serve", f"--model-repository={tmp_path / 'repo'}",
                *[f"--{name}={port}" for name, port in ports.items()]]

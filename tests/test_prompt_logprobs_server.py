@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flover_backend.frontends.openai.protocol import Limits
-from flover_backend.ports import find_free_port
+from flover_backend.ports import free_ports
 from flover_backend.triton_env import PROJECT_ROOT
 from tests.waiting import wait_for
 
@@ -47,7 +47,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, builtin_home):
     """`flover serve` with the OpenAI port: its ports; the whole process group is killed at the end."""
-    ports = {name: find_free_port() for name in ("http-port", "grpc-port", "metrics-port", "openai-port")}
+    ports = free_ports("http-port", "grpc-port", "metrics-port", "openai-port")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "flover_backend", "serve", "--models", "flover",
                *[f"--set={key}={value}" for key, value in SETTINGS.items()],

@@ -20,9 +20,10 @@ import tritonclient.grpc as grpcclient
 
 from clients.perf_analyzer import parse_throughput, perf_analyzer_command, perf_analyzer_env, write_input_data
 from flover_backend.cli import build_parser
+from flover_backend.ports import server_ports
 from flover_backend.server.serve import TritonServer, TritonServerError, model_settings
 from flover_backend.triton_env import PROJECT_ROOT, prepare_backend_dir, server_command
-from tests.echo_server import free_ports, group_members, launch_cli, write_repository
+from tests.echo_server import group_members, launch_cli, write_repository
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.triton
@@ -32,7 +33,7 @@ def server(tmp_path_factory):
     """One server with the torch-importing echo model, shared by the streaming tests."""
     tmp = tmp_path_factory.mktemp("triton")
     repo = write_repository(tmp / "repo", extra_import="import torch")
-    with TritonServer(repo, log_path=tmp / "server.log", ready_timeout_s=120, **free_ports()) as running:
+    with TritonServer(repo, log_path=tmp / "server.log", ready_timeout_s=120, **server_ports()) as running:
         yield running
 
 
@@ -104,7 +105,7 @@ def test_perf_analyzer_runs(server, tmp_path):
 
 def test_stop_ends_server_and_stubs(tmp_path):
     repo = write_repository(tmp_path / "repo")
-    server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports()).start()
+    server = TritonServer(repo, log_path=tmp_path / "server.log", **server_ports()).start()
     pgid = server.process.pid
     try:
         assert len(group_members(pgid)) >= 2  # tritonserver and the model's stub
@@ -129,14 +130,14 @@ def test_tritonserver_may_open_as_many_files_as_the_hard_limit_allows(tmp_path):
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # as a login shell's default
     try:
         with TritonServer(write_repository(tmp_path / "repo"), log_path=tmp_path / "server.log",
-                          ready_timeout_s=120, **free_ports()) as server:
+                          ready_timeout_s=120, **server_ports()) as server:
             assert open_files_limits(server.process.pid) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_missing_repository_fails_fast_with_log(tmp_path):
-    server = TritonServer(tmp_path / "missing", log_path=tmp_path / "server.log", **free_ports())
+    server = TritonServer(tmp_path / "missing", log_path=tmp_path / "server.log", **server_ports())
     with pytest.raises(TritonServerError, match="exited with code") as failure:
         server.start()
     assert "failed to stat file" in str(failure.value)  # tritonserver's own words, from the log
@@ -145,7 +146,7 @@ def test_missing_repository_fails_fast_with_log(tmp_path):
 
 def test_broken_model_reports_its_error(tmp_path):
     repo = write_repository(tmp_path / "repo", model_code="import no_such_module\n")
-    server = TritonServer(repo, log_path=tmp_path / "server.log", **free_ports())
+    server = TritonServer(repo, log_path=tmp_path / "server.log", **server_ports())
     with pytest.raises(TritonServerError, match="No module named 'no_such_module'"):
         server.start()
     assert group_members(server.process.pid) == []

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from clients.triton_stream import ServerError, stream_grpc
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.sampling.structured_output import MAX_SCHEMA_BYTES
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
@@ -24,7 +24,7 @@ PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema":
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, builtin_home):
     repo = derive_repository(tmp_path_factory.mktemp("triton") / "repo", ["flover"], settings=SETTINGS)
-    ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+    ports = server_ports()
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
 

@@ -30,7 +30,7 @@ from clients.workload import make_trace
 from flover_backend import Engine, EngineConfig, SamplingParams
 from flover_backend.frontends.triton.metrics import METRICS
 from flover_backend.frontends.triton.schema import INPUTS, OUTPUTS
-from flover_backend.ports import find_free_port
+from flover_backend.ports import server_ports
 from flover_backend.server.repository import derive_repository
 from flover_backend.server.serve import TritonServer
 from tests.waiting import wait_for
@@ -53,7 +53,7 @@ def server(tmp_path_factory, builtin_home):
                                        # Admits two requests together, in arrival order, whenever two wait.
                                        "flover_pair": ("flover", {"policy": "window", "window_ms": 600_000,
                                                                  "max_batch": 2})})
-    ports = {name: find_free_port() for name in ("http_port", "grpc_port", "metrics_port")}
+    ports = server_ports()
     with TritonServer(repo, **ports, log_path=repo.parent / "server.log") as running:
         yield running
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flover_backend.ports import server_ports
 from flover_backend.server import watchdog as watchdog_module
 from flover_backend.server.serve import TritonServer
 from flover_backend.server.watchdog import (
@@ -22,7 +23,7 @@ from flover_backend.server.watchdog import (
     parse_metric,
 )
 from flover_backend.triton_env import SHM_DIR
-from tests.echo_server import free_ports, launch_cli, write_repository
+from tests.echo_server import launch_cli, write_repository
 from tests.waiting import wait_for
 
 
@@ -93,7 +94,7 @@ def test_a_stub_that_died_while_the_server_did_not_answer_is_still_recovered(mon
 @pytest.mark.triton
 def test_killed_backend_is_found_and_reloaded_then_the_watchdog_gives_up(tmp_path):
     repo = write_repository(tmp_path / "repo")
-    with TritonServer(repo, log_path=tmp_path / "server.log", ready_timeout_s=120, **free_ports()) as server:
+    with TritonServer(repo, log_path=tmp_path / "server.log", ready_timeout_s=120, **server_ports()) as server:
         watchdog = Watchdog(server, max_restarts=2)
         assert watchdog.check() == []
         (stub,) = find_stubs(server.process.pid)
@@ -142,7 +143,7 @@ def test_launcher_killed_takes_tritonserver_and_the_next_launch_clears_its_share
             cli.wait(timeout=30)
         assert wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _is_zombie(server_pid))
     with TritonServer(write_repository(tmp_path / "repo2"), log_path=tmp_path / "server.log", ready_timeout_s=120,
-                      **free_ports()):
+                      **server_ports()):
         assert not any(region.exists() for region in regions)
 
 
